@@ -1,0 +1,28 @@
+"""Per-example gradients from one forward/backward pass (DESIGN.md §3).
+
+`PerExampleGradients` hooks a model; after an ordinary ``loss.backward()`` its ``collect()``
+returns, for every trainable parameter, a compact representation of the B per-example
+gradients (`Factored`, `Dense`, `LowRank`, `RowSparse`). Rules per layer type are registered
+with `register_rule`; other layers fall back to torch.func.
+"""
+
+from .engine import PerExampleGradients, sq_norms
+from .errors import MixedExamplesError, PerExampleError, UnsupportedLayerError
+from .registry import find_rule, register_rule
+from .representations import Dense, Factored, LowRank, PerExampleGradient, RowSparse, combine
+
+__all__ = [
+    "Dense",
+    "Factored",
+    "LowRank",
+    "MixedExamplesError",
+    "PerExampleError",
+    "PerExampleGradient",
+    "PerExampleGradients",
+    "RowSparse",
+    "UnsupportedLayerError",
+    "combine",
+    "find_rule",
+    "register_rule",
+    "sq_norms",
+]

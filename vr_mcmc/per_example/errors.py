@@ -1,0 +1,17 @@
+"""Errors raised by the per-example gradient engine."""
+
+from __future__ import annotations
+
+__all__ = ["MixedExamplesError", "PerExampleError", "UnsupportedLayerError"]
+
+
+class PerExampleError(RuntimeError):
+    """Per-example gradients cannot be computed as asked."""
+
+
+class MixedExamplesError(PerExampleError):
+    """A layer mixes the examples of a batch, so per-example gradients are undefined."""
+
+
+class UnsupportedLayerError(PerExampleError):
+    """A layer has no per-example rule and the torch.func fallback cannot handle it."""
