@@ -104,7 +104,8 @@ class PerExampleGradients:
         self.parameter_names: dict[str, nn.Parameter] = {
             n: p for n, p in model.named_parameters() if p.requires_grad
         }
-        self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
+        self._model_batch_size: int | None = None
+        self._handles.append(model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
         for unit in self._units:
             self._handles.append(
                 unit.module.register_forward_hook(partial(self._on_forward, unit), with_kwargs=True)
@@ -132,9 +133,10 @@ class PerExampleGradients:
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not self._replaying:
             self.clear()
+            self._model_batch_size = _leading_size(args, kwargs)
 
     def _refuse_batch_stats(self, name: str, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
@@ -180,27 +182,24 @@ class PerExampleGradients:
         Keys are parameter names as in ``model.named_parameters()``. A parameter that took no part
         in the loss gets zeros (stored as one broadcast element).
         """
-        per_param: dict[int, list[PerExampleGradient]] = {}
-        batch_size: int | None = None
-        for unit in self._units:
-            for call in unit.calls:
-                if all(g is None for g in call.grads):
-                    continue
-                if batch_size is None:
-                    batch_size = call.batch_size
-                elif call.batch_size != batch_size:
-                    raise PerExampleError(
-                        f"layer '{unit.name}' saw a batch of {call.batch_size} in dimension 0, other layers "
-                        f"{batch_size}: the batch must be dimension 0 of every layer input "
-                        "(e.g. batch_first=True for recurrent and attention layers)"
-                    )
-                for local, rep in self._unit_grads(unit, call).items():
-                    per_param.setdefault(id(unit.params[local]), []).append(rep)
-        if batch_size is None:
+        live = [(unit, call) for unit in self._units for call in unit.calls if any(g is not None for g in call.grads)]
+        if not live:
             raise PerExampleError(
                 "no gradients were captured: run a forward pass of the model with gradients enabled and "
                 "loss.backward() before collect()"
             )
+        batch_size = self._model_batch_size or live[0][1].batch_size
+        for unit, call in live:
+            if call.batch_size != batch_size:
+                raise PerExampleError(
+                    f"layer '{unit.name}' saw {call.batch_size} in dimension 0 of its input where the batch has "
+                    f"{batch_size} examples: the batch must be dimension 0 of every layer input "
+                    "(e.g. batch_first=True for recurrent and attention layers)"
+                )
+        per_param: dict[int, list[PerExampleGradient]] = {}
+        for unit, call in live:
+            for local, rep in self._unit_grads(unit, call).items():
+                per_param.setdefault(id(unit.params[local]), []).append(rep)
         out: dict[str, PerExampleGradient] = {}
         for name, p in self.parameter_names.items():
             reps = per_param.get(id(p))

@@ -12,6 +12,7 @@ through it are undefined: that raises `MixedExamplesError` rather than returning
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +96,10 @@ def fallback_rule(
 
     vectorized: Callable = vmap(per_example, randomness="error")
     try:
-        grads, recomputed = vectorized(batched, cotangents)
+        with warnings.catch_warnings():
+            # vmap runs ops without a batching rule (e.g. CPU flash attention) in a loop; correct, only slower.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads, recomputed = vectorized(batched, cotangents)
     except Exception as err:
         random = "random" in str(err).lower()
         raise UnsupportedLayerError(

@@ -194,7 +194,7 @@ class Factored(PerExampleGradient):
             )
         self.inputs = inputs
         self.grad_outputs = grad_outputs
-        b, g, _, d_in = inputs.shape
+        _, g, _, d_in = inputs.shape
         d_out = grad_outputs.shape[-1]
         self.shape = torch.Size(shape) if shape is not None else torch.Size((g * d_out, d_in))
         if math.prod(self.shape) != g * d_out * d_in:
@@ -255,7 +255,8 @@ class LowRank(PerExampleGradient):
     def __init__(self, left: torch.Tensor, right: torch.Tensor, shape: Sequence[int] | None = None):
         if left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0] or left.shape[2] != right.shape[1]:
             raise ValueError(
-                f"LowRank needs U [B, d_out, r] and V [B, r, d_in]; got {tuple(left.shape)} and {tuple(right.shape)}"
+                f"LowRank needs U [B, d_out, r] and V [B, r, d_in]; got {tuple(left.shape)} and "
+                f"{tuple(right.shape)}"
             )
         self.left = left
         self.right = right
@@ -295,9 +296,8 @@ class LowRank(PerExampleGradient):
 
     def sq_norms(self) -> torch.Tensor:
         # ‖U V‖_F² = Σ (UᵀU) ⊙ (V Vᵀ): r×r work per example.
-        return (torch.bmm(self.left.transpose(1, 2), self.left) * torch.bmm(self.right, self.right.transpose(1, 2))).sum(
-            (1, 2)
-        )
+        gram_left = torch.bmm(self.left.transpose(1, 2), self.left)
+        return (gram_left * torch.bmm(self.right, self.right.transpose(1, 2))).sum((1, 2))
 
     def index(self, sel: Any) -> LowRank:
         sel = _batch_index(sel, self.batch_size, self.device)
@@ -314,7 +314,8 @@ class RowSparse(PerExampleGradient):
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, num_rows: int):
         if indices.dim() != 2 or values.dim() != 3 or indices.shape != values.shape[:2]:
             raise ValueError(
-                f"RowSparse needs indices [B, T] and values [B, T, D]; got {tuple(indices.shape)}, {tuple(values.shape)}"
+                f"RowSparse needs indices [B, T] and values [B, T, D]; got {tuple(indices.shape)}, "
+                f"{tuple(values.shape)}"
             )
         self.indices = indices
         self.values = values

@@ -44,7 +44,9 @@ def _unfold(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple, out_
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv_rule(module: nn.modules.conv._ConvNd, inputs: tuple, grad_output: torch.Tensor) -> dict[str, PerExampleGradient]:
+def conv_rule(
+    module: nn.modules.conv._ConvNd, inputs: tuple, grad_output: torch.Tensor
+) -> dict[str, PerExampleGradient]:
     n = len(module.kernel_size)
     x = inputs[0]
     if x.dim() != n + 2:
