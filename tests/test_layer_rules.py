@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from checks import check_engine
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -89,7 +89,13 @@ def test_conv(case, batch, reduction, dtype, seed):
         padding_mode=mode,
     ).to(dtype)
     x = torch.randn(batch, c_in, *sizes, generator=gen, dtype=dtype)
-    check_engine(layer, x, _target_like(layer, x, gen).to(dtype), reduction=reduction, kind="conv")
+    grads = check_engine(layer, x, _target_like(layer, x, gen).to(dtype), reduction=reduction, kind="conv")
+    # Coverage of the draw, shown by pytest --hypothesis-show-statistics.
+    event(f"conv{n}d, weight {type(grads['weight']).__name__}")
+    event("groups > 1" if groups > 1 else "groups = 1")
+    event("channels >= 16" if max(c_in, c_out) >= 16 else "channels < 16")
+    event(f"padding {padding if isinstance(padding, str) else 'int'}, mode {mode}")
+    event("batch >= 10" if batch >= 10 else "batch < 10")
 
 
 @pytest.mark.parametrize("shape", [(6, 8, 8), (32, 4, 4), (3, 32, 32)])
