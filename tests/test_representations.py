@@ -86,6 +86,9 @@ def test_operations_match_definition(case):
         torch.testing.assert_close(sub.dense(), expect, rtol=1e-12, atol=1e-12)
     assert rep.batch_size == len(rep) == B
     assert rep.shape == ref.shape[1:]
+    for scaled in (rep * 2.5, 2.5 * rep):
+        assert type(scaled) is type(rep)
+        torch.testing.assert_close(scaled.dense(), 2.5 * ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))

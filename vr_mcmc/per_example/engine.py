@@ -209,27 +209,28 @@ class PerExampleGradients:
         return out
 
     def _unit_grads(self, unit: _Unit, call: _Call) -> dict[str, PerExampleGradient]:
-        scale = call.batch_size if self.loss_reduction == "mean" else 1
         if unit.rule is None:
-            grads = [None if g is None else g * scale for g in call.grads]
             self._replaying = True
             try:
-                return fallback_rule(
-                    unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, grads,
+                found = fallback_rule(
+                    unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
                     call.batch_size,
                 )
             finally:
                 self._replaying = False
-        grad = call.grads[0]
-        if grad is None:
+        elif call.grads[0] is None:
             return {}
-        found = unit.rule(unit.module, call.args, grad * scale if scale != 1 else grad)
-        missing = [n for n in unit.params if n not in found]
-        if missing:
-            raise PerExampleError(
-                f"the rule for layer '{unit.name}' ({type(unit.module).__name__}) returned no gradient for "
-                f"{missing}; a rule must cover every trainable parameter of its module"
-            )
+        else:
+            found = unit.rule(unit.module, call.args, call.grads[0])
+            missing = [n for n in unit.params if n not in found]
+            if missing:
+                raise PerExampleError(
+                    f"the rule for layer '{unit.name}' ({type(unit.module).__name__}) returned no gradient for "
+                    f"{missing}; a rule must cover every trainable parameter of its module"
+                )
+        if self.loss_reduction == "mean":
+            # Undo the mean's 1/B on the result, not on dZ: the result is usually the smaller tensor.
+            return {n: rep * call.batch_size for n, rep in found.items()}
         return found
 
     def clear(self) -> None:

@@ -2,9 +2,11 @@
 
 A rule is a function ``rule(module, inputs, grad_output) -> {param_name: PerExampleGradient}``
 called once per call of the module: ``inputs`` are the positional arguments of that call
-(detached) and ``grad_output`` is ``dℓ_i/dZ`` stacked over the batch, already scaled to
-per-example losses (the engine undoes a "mean" reduction). It returns a representation for
-each of the module's own trainable parameters (names as in ``module.named_parameters()``).
+(detached) and ``grad_output`` is dL/dZ of the backpropagated loss L at the module's output,
+[B, ...]. Example i's rows of dL/dZ depend on example i alone, so the rule's per-example
+gradients are those of L; the engine rescales them to ℓ_i (undoing a "mean" reduction). It
+returns a representation for each of the module's own trainable parameters (names as in
+``module.named_parameters()``).
 """
 
 from __future__ import annotations

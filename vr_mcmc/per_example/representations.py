@@ -98,6 +98,13 @@ class PerExampleGradient:
     def __add__(self, other: PerExampleGradient) -> PerExampleGradient:
         return combine([self, other])
 
+    def __mul__(self, scale: float) -> PerExampleGradient:
+        """``scale · g_i`` for every example (scales the smallest tensor held)."""
+        raise NotImplementedError
+
+    def __rmul__(self, scale: float) -> PerExampleGradient:
+        return self * scale
+
     def _check_weights(self, weights: torch.Tensor | None) -> torch.Tensor | None:
         if weights is None:
             return None
@@ -171,6 +178,9 @@ class Dense(PerExampleGradient):
 
     def index(self, sel: Any) -> Dense:
         return Dense(self.grads[_batch_index(sel, self.batch_size, self.device)])
+
+    def __mul__(self, scale: float) -> Dense:
+        return Dense(self.grads * scale)
 
 
 class Factored(PerExampleGradient):
@@ -248,6 +258,11 @@ class Factored(PerExampleGradient):
         sel = _batch_index(sel, self.batch_size, self.device)
         return Factored(self.inputs[sel], self.grad_outputs[sel], self.shape)
 
+    def __mul__(self, scale: float) -> Factored:
+        if self.grad_outputs.numel() <= self.inputs.numel():
+            return Factored(self.inputs, self.grad_outputs * scale, self.shape)
+        return Factored(self.inputs * scale, self.grad_outputs, self.shape)
+
 
 class LowRank(PerExampleGradient):
     """Per-example gradients of rank at most r: ``g_i = U[i] V[i]`` with U ``[B, d_out, r]``, V ``[B, r, d_in]``."""
@@ -302,6 +317,11 @@ class LowRank(PerExampleGradient):
     def index(self, sel: Any) -> LowRank:
         sel = _batch_index(sel, self.batch_size, self.device)
         return LowRank(self.left[sel], self.right[sel], self.shape)
+
+    def __mul__(self, scale: float) -> LowRank:
+        if self.left.numel() <= self.right.numel():
+            return LowRank(self.left * scale, self.right, self.shape)
+        return LowRank(self.left, self.right * scale, self.shape)
 
 
 class RowSparse(PerExampleGradient):
@@ -365,6 +385,9 @@ class RowSparse(PerExampleGradient):
     def index(self, sel: Any) -> RowSparse:
         sel = _batch_index(sel, self.batch_size, self.device)
         return RowSparse(self.indices[sel], self.values[sel], self.num_rows)
+
+    def __mul__(self, scale: float) -> RowSparse:
+        return RowSparse(self.indices, self.values * scale, self.num_rows)
 
 
 def _same_layout(reps: Sequence[PerExampleGradient]) -> bool:
