@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,10 @@ def test_operations_match_definition(case):
     norms = torch.stack([ref[i].square().sum() for i in range(B)])
     torch.testing.assert_close(rep.sq_norms(), norms, rtol=1e-12, atol=1e-12)
     for sel, expect in [
+        ([], ref[:0]),
+        (np.int64(3), ref[3:4]),
+        (torch.tensor(2), ref[2:3]),
+        (torch.tensor([-1, 0]), ref[[-1, 0]]),
         (torch.tensor([4, 1]), ref[[4, 1]]),
         (slice(1, 4), ref[1:4]),
         (2, ref[2:3]),
@@ -84,8 +89,15 @@ def test_operations_match_definition(case):
         sub = rep.index(sel)
         assert type(sub) is type(rep)
         torch.testing.assert_close(sub.dense(), expect, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sub.sum(), expect.sum(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sub.sq_norms(), expect.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
     assert rep.batch_size == len(rep) == B
     assert rep.shape == ref.shape[1:]
+    u, v = torch.randn(ref.shape[1], dtype=F64), torch.randn(ref[0].numel() // ref.shape[1], dtype=F64)
+    value, magnitude = rep.probe(u, v)
+    terms = torch.stack([u @ ref[i].reshape(len(u), -1) @ v for i in range(B)])
+    torch.testing.assert_close(value, terms.sum(), rtol=1e-12, atol=1e-12)
+    assert magnitude >= terms.abs().sum() * (1 - 1e-12)
     for scaled in (rep * 2.5, 2.5 * rep):
         assert type(scaled) is type(rep)
         torch.testing.assert_close(scaled.dense(), 2.5 * ref, rtol=1e-12, atol=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .errors import MixedExamplesError, PerExampleError
@@ -27,14 +29,12 @@ class _Call:
 
     args: tuple
     kwargs: dict
+    arg_versions: list[int]
     outputs: list[torch.Tensor]
     versions: list[int]
     batch_size: int
+    shared: frozenset = frozenset()  # positions / names of arguments that are model tensors
     grads: list[torch.Tensor | None] = field(default_factory=list)
-
-    def store_grad(self, k: int, grad: torch.Tensor) -> None:
-        # Two backward passes through one retained graph add up, as .grad does.
-        self.grads[k] = grad if self.grads[k] is None else self.grads[k] + grad
 
 
 @dataclass
@@ -45,11 +45,8 @@ class _Unit:
     module: nn.Module
     rule: Rule | None
     params: dict[str, nn.Parameter]
+    signature: inspect.Signature | None = None
     calls: list[_Call] = field(default_factory=list)
-
-
-def _detach(obj: Any) -> Any:
-    return obj.detach() if isinstance(obj, torch.Tensor) else obj
 
 
 def _leading_size(args: tuple, kwargs: dict) -> int | None:
@@ -76,14 +73,19 @@ class PerExampleGradients:
 
     ``g_i = ∇_θ ℓ_i`` is the gradient of example i's own loss ℓ_i: with ``loss_reduction="mean"``
     the backpropagated loss is ``(1/B) Σ_i ℓ_i`` and the engine multiplies by B; with ``"sum"``
-    it is ``Σ_i ℓ_i``. Either way ``Σ_i g_i`` equals ``.grad`` times B (mean) or 1 (sum).
+    it is ``Σ_i ℓ_i``. Either way ``Σ_i g_i`` equals the gradient of the backward pass times B
+    (mean) or 1 (sum); `collect` checks this for every parameter and raises rather than return
+    per-example gradients that do not add up.
 
-    The batch is dimension 0 of every layer input. Each forward of ``model`` with gradients
-    enabled starts a new batch (forwards under ``torch.no_grad()`` are ignored). Layers with a
-    registered rule (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, InstanceNorm,
-    BatchNorm in eval mode) are computed from their saved input and output gradient; any other
-    module with parameters goes through torch.func on its saved input. BatchNorm on batch
-    statistics mixes examples and raises `MixedExamplesError` when it runs.
+    The batch is dimension 0 of every layer input. A batch is what the forwards (with gradients
+    enabled) between two backward passes computed: the model may be called several times per
+    loss. Layers with a registered rule (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm,
+    RMSNorm, InstanceNorm, BatchNorm in eval mode) are computed from their saved input and output
+    gradient; any other module with parameters goes through torch.func on its saved input.
+    BatchNorm on batch statistics mixes examples and raises `MixedExamplesError` when it runs.
+
+    The representations returned hold views of the batch's activations: they stay valid until
+    the inputs are modified in place.
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean"):
@@ -99,12 +101,17 @@ class PerExampleGradients:
         self._units: list[_Unit] = []
         self._handles: list[Any] = []
         self._replaying = False  # the fallback replays modules; their hooks must not record that
+        self._grads_arrived = False  # a backward pass reached the hooks: the next forward starts a batch
+        self._model_batch_size: int | None = None
+        self._param_grads: dict[str, torch.Tensor] = {}
+        self._probe_generator = torch.Generator().manual_seed(0x5EED)  # never touches the global RNG
+        self._model_tensor_ids: set[int] = set()
+        self.clear()
         self._find_units(model, "")
         # One name per trainable parameter, in model order (a tied parameter keeps its first name).
         self.parameter_names: dict[str, nn.Parameter] = {
             n: p for n, p in model.named_parameters() if p.requires_grad
         }
-        self._model_batch_size: int | None = None
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
         for unit in self._units:
             self._handles.append(
@@ -113,30 +120,39 @@ class PerExampleGradients:
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(partial(self._refuse_batch_stats, name)))
+        for name, p in self.parameter_names.items():
+            self._handles.append(p.register_hook(partial(self._store_param_grad, name)))
 
     # -- discovery -----------------------------------------------------------------------------
 
     def _find_units(self, module: nn.Module, name: str) -> None:
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        rule = find_rule(module)
+        rule = None if parametrize.is_parametrized(module) else find_rule(module)
         if rule is not None:
             if own:
-                self._units.append(_Unit(name, module, rule, own))
-        elif own:
+                self._units.append(_Unit(name, module, rule, own, inspect.signature(module.forward)))
+        elif own or parametrize.is_parametrized(module):
             # No rule: the fallback differentiates the whole module, children included, since its
-            # forward may use its children's parameters directly (as MultiheadAttention does).
+            # forward may use its children's parameters directly (as MultiheadAttention does, and
+            # as a parametrized weight is computed from its parametrization's parameters).
             everything = {n: p for n, p in module.named_parameters() if p.requires_grad}
-            self._units.append(_Unit(name, module, None, everything))
+            if everything:
+                self._units.append(_Unit(name, module, None, everything))
             return
         for child_name, child in module.named_children():
             self._find_units(child, f"{name}.{child_name}" if name else child_name)
 
     # -- hooks ---------------------------------------------------------------------------------
 
+    def _start_batch_if_done(self) -> None:
+        if self._grads_arrived:
+            self.clear()
+
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not self._replaying:
-            self.clear()
-            self._model_batch_size = _leading_size(args, kwargs)
+            self._start_batch_if_done()
+            if self._model_batch_size is None:
+                self._model_batch_size = _leading_size(args, kwargs)
 
     def _refuse_batch_stats(self, name: str, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
@@ -147,32 +163,59 @@ class PerExampleGradients:
                 "GroupNorm or LayerNorm."
             )
 
+    def _store_grad(self, call: _Call, k: int, grad: torch.Tensor) -> None:
+        self._grads_arrived = True
+        # Two backward passes through one retained graph add up, as .grad does.
+        call.grads[k] = grad if call.grads[k] is None else call.grads[k] + grad
+
+    def _store_param_grad(self, name: str, grad: torch.Tensor) -> None:
+        self._grads_arrived = True
+        previous = self._param_grads.get(name)
+        self._param_grads[name] = grad if previous is None else previous + grad
+
     def _on_forward(self, unit: _Unit, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled() or self._replaying:
             return
         outputs = flat_tensors(output)
         if not any(t.requires_grad for t in outputs):
             return
+        self._start_batch_if_done()
+        if unit.rule is not None and kwargs:
+            # Rules read positional inputs: fc(input=x) is fc(x).
+            args = tuple(unit.signature.bind(*args, **kwargs).arguments.values())
+            kwargs = {}
         batch_size = _leading_size(args, kwargs)
         if batch_size is None:
             raise PerExampleError(
                 f"layer '{unit.name}' ({type(module).__name__}) was called without a batched tensor input; "
                 "per-example gradients need inputs whose dimension 0 is the batch"
             )
+        if unit.rule is not None and self._is_model_tensor(args[0]):
+            raise PerExampleError(
+                f"layer '{unit.name}' ({type(module).__name__}) was applied to a parameter or buffer of the "
+                "model, a tensor shared by all examples, so its gradient cannot be split by example. Apply "
+                "layers to batched inputs (e.g. make a positional table an nn.Parameter added to the input)."
+            )
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         fallback = unit.rule is None
         call = _Call(
-            args=tuple(_detach(a) for a in args),
-            kwargs={k: _detach(v) for k, v in kwargs.items()},
+            args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+            arg_versions=[t._version for t in tensors],
             outputs=outputs if fallback else [],
             versions=[t._version for t in outputs] if fallback else [],
             batch_size=batch_size,
+            shared=frozenset(k for k, a in (*enumerate(args), *kwargs.items()) if self._is_model_tensor(a)),
             grads=[None] * len(outputs),
         )
         for k, t in enumerate(outputs):
             if t.requires_grad:
                 # A tensor hook sees dL/dZ of this very output, even if an in-place op changes it later.
-                t.register_hook(partial(call.store_grad, k))
+                t.register_hook(partial(self._store_grad, call, k))
         unit.calls.append(call)
+
+    def _is_model_tensor(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self._model_tensor_ids
 
     # -- results -------------------------------------------------------------------------------
 
@@ -182,30 +225,52 @@ class PerExampleGradients:
         Keys are parameter names as in ``model.named_parameters()``. A parameter that took no part
         in the loss gets zeros (stored as one broadcast element).
         """
+        if not self.parameter_names:
+            return {}
         live = [(unit, call) for unit in self._units for call in unit.calls if any(g is not None for g in call.grads)]
-        if not live:
+        if not live and not self._param_grads:
             raise PerExampleError(
                 "no gradients were captured: run a forward pass of the model with gradients enabled and "
                 "loss.backward() before collect()"
             )
-        batch_size = self._model_batch_size or live[0][1].batch_size
+        if self._model_batch_size is not None:
+            batch_size = self._model_batch_size
+        elif live:
+            batch_size = live[0][1].batch_size
+        else:
+            raise PerExampleError(
+                "the backward pass reached parameters but no layer's output: parameters used outside the "
+                "forward of their modules get no per-example gradients"
+            )
         for unit, call in live:
             if call.batch_size != batch_size:
                 raise PerExampleError(
                     f"layer '{unit.name}' saw {call.batch_size} in dimension 0 of its input where the batch has "
-                    f"{batch_size} examples: the batch must be dimension 0 of every layer input "
-                    "(e.g. batch_first=True for recurrent and attention layers)"
+                    f"{batch_size} examples: the batch must be dimension 0 of every layer input (e.g. "
+                    "batch_first=True for recurrent and attention layers), and a layer must not be applied to "
+                    "a tensor shared by all examples"
+                )
+            tensors = [a for a in (*call.args, *call.kwargs.values()) if isinstance(a, torch.Tensor)]
+            if any(t._version != v for t, v in zip(tensors, call.arg_versions)):
+                raise PerExampleError(
+                    f"the input of layer '{unit.name}' was modified in place after the forward pass; collect() "
+                    "needs the inputs as they were (copy the next batch into a new tensor instead)"
                 )
         per_param: dict[int, list[PerExampleGradient]] = {}
-        for unit, call in live:
-            for local, rep in self._unit_grads(unit, call).items():
-                per_param.setdefault(id(unit.params[local]), []).append(rep)
+        eps: dict[int, float] = {}
+        if batch_size > 0:
+            for unit, call in live:
+                for local, rep in self._unit_grads(unit, call).items():
+                    key = id(unit.params[local])
+                    per_param.setdefault(key, []).append(rep)
+                    low = max(torch.finfo(g.dtype).eps for g in call.grads if g is not None)
+                    eps[key] = max(eps.get(key, 0.0), low)
         out: dict[str, PerExampleGradient] = {}
         for name, p in self.parameter_names.items():
             reps = per_param.get(id(p))
-            out[name] = (
-                combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
-            )
+            rep = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
+            self._check_adds_up(name, p, rep, eps.get(id(p), torch.finfo(p.dtype).eps))
+            out[name] = rep
         return out
 
     def _unit_grads(self, unit: _Unit, call: _Call) -> dict[str, PerExampleGradient]:
@@ -214,14 +279,18 @@ class PerExampleGradients:
             try:
                 found = fallback_rule(
                     unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
-                    call.batch_size,
+                    call.batch_size, shared=call.shared,
                 )
             finally:
                 self._replaying = False
         elif call.grads[0] is None:
             return {}
         else:
-            found = unit.rule(unit.module, call.args, call.grads[0])
+            dtype = next(iter(unit.params.values())).dtype
+            # Under autocast a layer's input and output gradient may be in a lower precision than its
+            # parameters; per-example gradients are formed in the parameters' dtype, as .grad is.
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in call.args)
+            found = unit.rule(unit.module, args, call.grads[0].to(dtype))
             missing = [n for n in unit.params if n not in found]
             if missing:
                 raise PerExampleError(
@@ -233,10 +302,50 @@ class PerExampleGradients:
             return {n: rep * call.batch_size for n, rep in found.items()}
         return found
 
+    def _check_adds_up(self, name: str, param: nn.Parameter, rep: PerExampleGradient, eps: float) -> None:
+        """Σ_i g_i must equal the parameter's gradient from this backward (×B for a mean).
+
+        Checked through a random rank-1 probe uᵀ(·)w, which costs what the representation holds,
+        with a tolerance from the rounding of its terms. It catches every way a parameter can get
+        gradient the hooks did not see: a parameter used outside the forward of its module, a child
+        of a torch.func layer also called directly, an extra autograd pass through the graph.
+        """
+        grad = self._param_grads.get(name)
+        rows = param.shape[0] if param.dim() > 0 else 1
+        cols = param.numel() // max(rows, 1)
+        if param.numel() == 0 or rep.batch_size == 0:
+            return
+        u = torch.randn(rows, generator=self._probe_generator, dtype=torch.float64).to(param.device, rep.dtype)
+        w = torch.randn(cols, generator=self._probe_generator, dtype=torch.float64).to(param.device, rep.dtype)
+        value, magnitude = rep.probe(u, w)
+        if grad is None:
+            expected, expected_magnitude = torch.zeros((), dtype=rep.dtype), torch.zeros((), dtype=rep.dtype)
+        else:
+            scale = rep.batch_size if self.loss_reduction == "mean" else 1
+            g = grad.to(rep.dtype).reshape(rows, cols) * scale
+            expected, expected_magnitude = u @ g @ w, u.abs() @ g.abs() @ w.abs()
+        mismatch = float((value - expected.to(value.device)).abs())
+        tolerance = min(1e4 * eps, 0.1) * float(magnitude + expected_magnitude.to(value.device)) + 1e-30
+        if not mismatch <= tolerance:
+            raise PerExampleError(
+                f"the per-example gradients of '{name}' do not add up to its gradient from the backward pass "
+                f"(probe mismatch {mismatch:.3g}, tolerance {tolerance:.3g}), so some of its gradient did not pass "
+                "through the engine's hooks. Common causes: the parameter is used outside the forward of the "
+                "module that owns it (e.g. h @ self.embed.weight.T in a parent's forward: tie it to an "
+                "nn.Linear instead, or register a rule for the parent); a child of a layer without a rule is "
+                "also called directly; an extra autograd pass (torch.autograd.grad) ran through the graph "
+                "before backward."
+            )
+
     def clear(self) -> None:
         """Forget the saved inputs and gradients of the last batch (frees their memory)."""
         for unit in self._units:
             unit.calls.clear()
+        # Refreshed per batch: a buffer may be reassigned between batches.
+        self._model_tensor_ids = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        self._param_grads.clear()
+        self._grads_arrived = False
+        self._model_batch_size = None
 
     def remove(self) -> None:
         """Detach the engine from the model: remove every hook and saved tensor."""

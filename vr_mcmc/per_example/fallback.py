@@ -2,8 +2,10 @@
 
 For a module without a rule, each example's gradient is the vjp of the module alone, applied to
 that example's saved input and its captured output gradient, vectorized over the batch with
-``vmap``. Nothing upstream is recomputed. Every top-level tensor argument whose first dimension
-is the batch size is treated as batched; other arguments are shared by all examples.
+``vmap`` (or, for ops vmap cannot batch, looped over the examples). Nothing upstream is
+recomputed. Every top-level tensor argument whose first dimension is the batch size is treated
+as batched, except parameters and buffers of the model, which all examples share. Each output's
+batch dimension is found by replaying one example (LSTM's ``h_n`` keeps it in dim 1).
 
 The vjp recomputes the module's output one example at a time; it must equal the output of the
 batched forward. If not, the module mixes examples (or is random), and per-example gradients
@@ -13,14 +15,13 @@ through it are undefined: that raises `MixedExamplesError` rather than returning
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .errors import MixedExamplesError, UnsupportedLayerError
+from .errors import MixedExamplesError, PerExampleError, UnsupportedLayerError
 from .representations import Dense, PerExampleGradient
 
 __all__ = ["fallback_rule", "flat_tensors"]
@@ -47,6 +48,19 @@ def _reproduces(recomputed: torch.Tensor, saved: torch.Tensor) -> bool:
     return bool(torch.allclose(recomputed, saved, rtol=1e4 * eps, atol=float(1e4 * eps * scale)))
 
 
+def _batch_dim(batched: torch.Size, single: torch.Size, batch_size: int) -> int | None:
+    """The dimension that holds the examples: batch_size in the batched output, 1 in a one-example replay."""
+    if len(batched) != len(single):
+        return None
+    candidates = [
+        d
+        for d in range(len(batched))
+        if batched[d] == batch_size and single[d] == 1
+        and all(batched[e] == single[e] for e in range(len(batched)) if e != d)
+    ]
+    return candidates[0] if candidates else None
+
+
 def fallback_rule(
     module: nn.Module,
     name: str,
@@ -56,25 +70,22 @@ def fallback_rule(
     versions: list[int],
     grad_outputs: list[torch.Tensor | None],
     batch_size: int,
+    shared: frozenset = frozenset(),
 ) -> dict[str, PerExampleGradient]:
-    """Dense per-example gradients of ``module``'s trainable parameters (recursive names)."""
+    """Dense per-example gradients of ``module``'s trainable parameters (recursive names).
+
+    ``shared``: positions and names of the arguments that all examples share (model tensors).
+    """
     trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     fixed = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
-    fixed.update(dict(module.named_buffers()))
-
+    buffers = dict(module.named_buffers())
     slots: list[tuple[str, Any]] = []
     batched: list[torch.Tensor] = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch_size:
-            slots.append(("arg", i))
+    for key, a in [*enumerate(args), *kwargs.items()]:
+        if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch_size and key not in shared:
+            slots.append(("arg" if isinstance(key, int) else "kwarg", key))
             batched.append(a)
-    for k, a in kwargs.items():
-        if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch_size:
-            slots.append(("kwarg", k))
-            batched.append(a)
-
     live = [k for k, g in enumerate(grad_outputs) if g is not None]
-    cotangents = [grad_outputs[k] for k in live]
 
     def call(params: dict[str, torch.Tensor], example: list[torch.Tensor]) -> list[torch.Tensor]:
         a, kw = list(args), dict(kwargs)
@@ -83,40 +94,60 @@ def fallback_rule(
                 a[key] = value.unsqueeze(0)
             else:
                 kw[key] = value.unsqueeze(0)
-        out = flat_tensors(functional_call(module, {**params, **fixed}, tuple(a), kw))
+        # Clones: a module that updates a buffer in forward must not write into the model's state.
+        state = {**params, **fixed, **{n: b.clone() for n, b in buffers.items()}}
+        out = flat_tensors(functional_call(module, state, tuple(a), kw))
         return [out[k] for k in live]
+
+    with torch.no_grad():
+        single = call(trainable, [b[0] for b in batched])
+    dims = []
+    for k, one in zip(live, single):
+        d = _batch_dim(outputs[k].shape, one.shape, batch_size)
+        if d is None:
+            raise PerExampleError(
+                f"output {k} of layer '{name}' ({type(module).__name__}) has shape {tuple(outputs[k].shape)}, "
+                f"with no dimension of the batch's {batch_size} examples (one example gives "
+                f"{tuple(one.shape)}), yet it reaches the loss: per-example gradients through it are undefined"
+            )
+        dims.append(d)
+    cotangents = [grad_outputs[k].movedim(d, 0) for k, d in zip(live, dims)]
 
     def per_example(example: list[torch.Tensor], cots: list[torch.Tensor]) -> tuple[dict, list]:
         def f(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
             return tuple(call(params, example))
 
         out, pullback = vjp(f, trainable)
-        (grads,) = pullback(tuple(c.unsqueeze(0) for c in cots))
-        return grads, list(out)
+        (grads,) = pullback(tuple(c.unsqueeze(d) for c, d in zip(cots, dims)))
+        return grads, [o.squeeze(d) for o, d in zip(out, dims)]
 
-    vectorized: Callable = vmap(per_example, randomness="error")
     try:
         with warnings.catch_warnings():
             # vmap runs ops without a batching rule (e.g. CPU flash attention) in a loop; correct, only slower.
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            grads, recomputed = vectorized(batched, cotangents)
+            grads, recomputed = vmap(per_example, randomness="error")(batched, cotangents)
     except Exception as err:
-        random = "random" in str(err).lower()
-        raise UnsupportedLayerError(
-            f"layer '{name}' ({type(module).__name__}) has no per-example rule and the torch.func fallback "
-            f"failed: {err}. "
-            + (
-                "It draws random numbers in forward, so it cannot be replayed one example at a time; "
-                if random
-                else ""
-            )
-            + "Register a rule with vr_mcmc.per_example.register_rule, or freeze its parameters "
-            "(requires_grad_(False))."
-        ) from err
+        if "random" in str(err).lower():
+            raise UnsupportedLayerError(
+                f"layer '{name}' ({type(module).__name__}) has no per-example rule and draws random numbers in "
+                "forward, so it cannot be replayed one example at a time. Register a rule with "
+                "vr_mcmc.per_example.register_rule, or freeze its parameters (requires_grad_(False))."
+            ) from err
+        # Some ops have no batching rule that works (e.g. aten's GRU): the same vjp, one example at a time.
+        try:
+            results = [per_example([b[i] for b in batched], [c[i] for c in cotangents]) for i in range(batch_size)]
+        except Exception as loop_err:
+            raise UnsupportedLayerError(
+                f"layer '{name}' ({type(module).__name__}) has no per-example rule and the torch.func fallback "
+                f"failed: {loop_err}. Register a rule with vr_mcmc.per_example.register_rule, or freeze its "
+                "parameters (requires_grad_(False))."
+            ) from loop_err
+        grads = {n: torch.stack([r[0][n] for r in results]) for n in trainable}
+        recomputed = [torch.stack([r[1][j] for r in results]) for j in range(len(live))]
 
-    for k, out in zip(live, recomputed):
+    for k, d, out in zip(live, dims, recomputed):
         # A tensor changed in place after forward (an in-place activation) cannot be compared.
-        if outputs[k]._version == versions[k] and not _reproduces(out.squeeze(1), outputs[k].detach()):
+        if outputs[k]._version == versions[k] and not _reproduces(out, outputs[k].detach().movedim(d, 0)):
             raise MixedExamplesError(
                 f"layer '{name}' ({type(module).__name__}) gives a different output when run on one example "
                 "at a time than on the batch: it mixes examples (or its batch dimension is not dim 0), so "

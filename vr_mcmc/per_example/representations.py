@@ -16,6 +16,7 @@ weights and modules called several times).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,12 +40,17 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _batch_index(sel: Any, batch_size: int, device: torch.device) -> Any:
     """Normalize a selection of examples so that indexing keeps the batch dimension."""
-    if isinstance(sel, int):
+    if isinstance(sel, torch.Tensor) and sel.dim() == 0 and not sel.dtype.is_floating_point:
+        sel = int(sel)
+    if isinstance(sel, numbers.Integral) and not isinstance(sel, bool):
+        sel = int(sel)
         if not -batch_size <= sel < batch_size:
             raise IndexError(f"example index {sel} is out of range for a batch of {batch_size}")
         return slice(sel, sel + 1 if sel != -1 else None)
     if isinstance(sel, slice):
         return sel
+    if isinstance(sel, (list, tuple)) and len(sel) == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
     sel = torch.as_tensor(sel, device=device)
     if sel.dtype == torch.bool:
         if sel.shape != (batch_size,):
@@ -105,6 +111,15 @@ class PerExampleGradient:
     def __rmul__(self, scale: float) -> PerExampleGradient:
         return self * scale
 
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Σ_i uᵀ g_i w`` and the sum of its terms' absolute values (a scale for rounding error).
+
+        The parameter is viewed as a matrix [shape[0], rest]; u = ``left``, w = ``right``. This costs
+        what the representation holds, never a materialization, so the engine can check every
+        parameter against its gradient cheaply.
+        """
+        raise NotImplementedError
+
     def _check_weights(self, weights: torch.Tensor | None) -> torch.Tensor | None:
         if weights is None:
             return None
@@ -120,7 +135,7 @@ class PerExampleGradient:
         per_example = max(1, math.prod(self.shape))
         step = max(1, _CHUNK_ELEMENTS // per_example)
         parts = [
-            self.index(slice(s, s + step)).dense().flatten(1).square().sum(1)
+            self.index(slice(s, s + step)).dense().reshape(-1, per_example).square().sum(1)
             for s in range(0, self.batch_size, step)
         ]
         if not parts:
@@ -174,13 +189,17 @@ class Dense(PerExampleGradient):
         return torch.tensordot(weights, self.grads, dims=1)
 
     def sq_norms(self) -> torch.Tensor:
-        return self.grads.reshape(self.batch_size, -1).square().sum(1)
+        return self.grads.reshape(self.batch_size, math.prod(self.shape)).square().sum(1)
 
     def index(self, sel: Any) -> Dense:
         return Dense(self.grads[_batch_index(sel, self.batch_size, self.device)])
 
     def __mul__(self, scale: float) -> Dense:
         return Dense(self.grads * scale)
+
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.grads.reshape(self.batch_size, left.numel(), right.numel())
+        return left @ g.sum(0) @ right, left.abs() @ g.abs().sum(0) @ right.abs()
 
 
 class Factored(PerExampleGradient):
@@ -239,8 +258,8 @@ class Factored(PerExampleGradient):
         dz = self.grad_outputs if weights is None else self.grad_outputs * weights.view(-1, 1, 1, 1)
         b, g, t, _ = self.inputs.shape
         # One matmul over the stacked (example, position) axis, per group.
-        dz = dz.transpose(0, 1).reshape(g, b * t, -1)
-        a = self.inputs.transpose(0, 1).reshape(g, b * t, -1)
+        dz = dz.transpose(0, 1).reshape(g, b * t, self.grad_outputs.shape[-1])
+        a = self.inputs.transpose(0, 1).reshape(g, b * t, self.inputs.shape[-1])
         return torch.matmul(dz.transpose(-1, -2), a).reshape(self.shape)
 
     def sq_norms(self) -> torch.Tensor:
@@ -257,6 +276,11 @@ class Factored(PerExampleGradient):
     def index(self, sel: Any) -> Factored:
         sel = _batch_index(sel, self.batch_size, self.device)
         return Factored(self.inputs[sel], self.grad_outputs[sel], self.shape)
+
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zu = torch.einsum("bgto,go->bgt", self.grad_outputs, left.view(self.inputs.shape[1], -1))
+        aw = self.inputs @ right
+        return (zu * aw).sum(), (zu.abs() * aw.abs()).sum()
 
     def __mul__(self, scale: float) -> Factored:
         if self.grad_outputs.numel() <= self.inputs.numel():
@@ -307,7 +331,7 @@ class LowRank(PerExampleGradient):
         u = self.left if weights is None else self.left * weights.view(-1, 1, 1)
         b, d_out, r = u.shape
         u = u.transpose(0, 1).reshape(d_out, b * r)
-        return torch.matmul(u, self.right.reshape(b * r, -1)).reshape(self.shape)
+        return torch.matmul(u, self.right.reshape(b * r, self.right.shape[-1])).reshape(self.shape)
 
     def sq_norms(self) -> torch.Tensor:
         # ‖U V‖_F² = Σ (UᵀU) ⊙ (V Vᵀ): r×r work per example.
@@ -317,6 +341,11 @@ class LowRank(PerExampleGradient):
     def index(self, sel: Any) -> LowRank:
         sel = _batch_index(sel, self.batch_size, self.device)
         return LowRank(self.left[sel], self.right[sel], self.shape)
+
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ul = left @ self.left  # [B, r]
+        vr = self.right @ right
+        return (ul * vr).sum(), (ul.abs() * vr.abs()).sum()
 
     def __mul__(self, scale: float) -> LowRank:
         if self.left.numel() <= self.right.numel():
@@ -385,6 +414,11 @@ class RowSparse(PerExampleGradient):
     def index(self, sel: Any) -> RowSparse:
         sel = _batch_index(sel, self.batch_size, self.device)
         return RowSparse(self.indices[sel], self.values[sel], self.num_rows)
+
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ul = left[self.indices]
+        vr = self.values @ right
+        return (ul * vr).sum(), (ul.abs() * vr.abs()).sum()
 
     def __mul__(self, scale: float) -> RowSparse:
         return RowSparse(self.indices, self.values * scale, self.num_rows)
