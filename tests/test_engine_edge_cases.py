@@ -291,3 +291,12 @@ def test_mixing_detection_still_applies_to_recurrent_fallback():
         model(torch.randn(4, 2, 3, dtype=F64)).sum().backward()
         with pytest.raises(MixedExamplesError):
             engine.collect()
+
+
+def test_check_can_be_turned_off():
+    model = GPTTie().double()
+    idx = torch.randint(0, 7, (4, 5))
+    with PerExampleGradients(model, check=False) as engine:
+        model(idx).square().mean().backward()
+        grads = engine.collect()  # no error: the caller opted out of the check
+    assert grads["wte.weight"].batch_size == 4

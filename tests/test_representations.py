@@ -93,11 +93,11 @@ def test_operations_match_definition(case):
         torch.testing.assert_close(sub.sq_norms(), expect.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
     assert rep.batch_size == len(rep) == B
     assert rep.shape == ref.shape[1:]
-    u, v = torch.randn(ref.shape[1], dtype=F64), torch.randn(ref[0].numel() // ref.shape[1], dtype=F64)
-    value, magnitude = rep.probe(u, v)
-    terms = torch.stack([u @ ref[i].reshape(len(u), -1) @ v for i in range(B)])
-    torch.testing.assert_close(value, terms.sum(), rtol=1e-12, atol=1e-12)
-    assert magnitude >= terms.abs().sum() * (1 - 1e-12)
+    u, v = torch.randn(ref.shape[1], 3, dtype=F64), torch.randn(ref[0].numel() // ref.shape[1], 3, dtype=F64)
+    value, rss, count = rep.probe(u, v)
+    expected = [sum(u[:, j] @ ref[i].reshape(len(u), -1) @ v[:, j] for i in range(B)) for j in range(3)]
+    torch.testing.assert_close(value, torch.stack(expected), rtol=1e-12, atol=1e-12)
+    assert count >= B and rss.shape == (3,) and bool((rss > 0).all())
     for scaled in (rep * 2.5, 2.5 * rep):
         assert type(scaled) is type(rep)
         torch.testing.assert_close(scaled.dense(), 2.5 * ref, rtol=1e-12, atol=1e-12)

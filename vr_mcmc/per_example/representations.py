@@ -111,14 +111,22 @@ class PerExampleGradient:
     def __rmul__(self, scale: float) -> PerExampleGradient:
         return self * scale
 
-    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Σ_i uᵀ g_i w`` and the sum of its terms' absolute values (a scale for rounding error).
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """k probes ``Σ_i u_jᵀ g_i w_j`` (j < k), each a sum of terms c; returns, per probe, Σ c and
+        sqrt(Σ c²), and the number of terms in each sum.
 
-        The parameter is viewed as a matrix [shape[0], rest]; u = ``left``, w = ``right``. This costs
-        what the representation holds, never a materialization, so the engine can check every
-        parameter against its gradient cheaply.
+        The parameter is viewed as a matrix [shape[0], rest]; ``left`` is [shape[0], k] and ``right``
+        [rest, k]. For standard normal u, w each term has E[c²] = ‖(its part of) g‖², so the
+        root-sum-square sets the scale of rounding error. It costs what the representation holds,
+        never a materialization, so the engine can check every parameter against its gradient.
         """
         raise NotImplementedError
+
+    @staticmethod
+    def _terms(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Reduce terms [..., k] to per-probe sums and root-sum-squares."""
+        flat = terms.reshape(-1, terms.shape[-1])
+        return flat.sum(0), torch.linalg.vector_norm(flat, dim=0), flat.shape[0]
 
     def _check_weights(self, weights: torch.Tensor | None) -> torch.Tensor | None:
         if weights is None:
@@ -197,9 +205,13 @@ class Dense(PerExampleGradient):
     def __mul__(self, scale: float) -> Dense:
         return Dense(self.grads * scale)
 
-    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.grads.reshape(self.batch_size, left.numel(), right.numel())
-        return left @ g.sum(0) @ right, left.abs() @ g.abs().sum(0) @ right.abs()
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        b, (rows, k), cols = self.batch_size, left.shape, right.shape[0]
+        g = self.grads.reshape(b, rows, cols)
+        # One 2-D matmul over the larger of the two dimensions, then a cheap reduction over the other.
+        if rows >= cols:
+            return self._terms(((g.transpose(1, 2).reshape(b * cols, rows) @ left).view(b, cols, k) * right).sum(1))
+        return self._terms(((g.reshape(b * rows, cols) @ right).view(b, rows, k) * left).sum(1))
 
 
 class Factored(PerExampleGradient):
@@ -277,10 +289,10 @@ class Factored(PerExampleGradient):
         sel = _batch_index(sel, self.batch_size, self.device)
         return Factored(self.inputs[sel], self.grad_outputs[sel], self.shape)
 
-    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zu = torch.einsum("bgto,go->bgt", self.grad_outputs, left.view(self.inputs.shape[1], -1))
-        aw = self.inputs @ right
-        return (zu * aw).sum(), (zu.abs() * aw.abs()).sum()
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        groups = self.inputs.shape[1]
+        zu = torch.einsum("bgto,gok->bgtk", self.grad_outputs, left.view(groups, -1, left.shape[-1]))
+        return self._terms(zu * (self.inputs @ right))
 
     def __mul__(self, scale: float) -> Factored:
         if self.grad_outputs.numel() <= self.inputs.numel():
@@ -342,10 +354,8 @@ class LowRank(PerExampleGradient):
         sel = _batch_index(sel, self.batch_size, self.device)
         return LowRank(self.left[sel], self.right[sel], self.shape)
 
-    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ul = left @ self.left  # [B, r]
-        vr = self.right @ right
-        return (ul * vr).sum(), (ul.abs() * vr.abs()).sum()
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self._terms(torch.einsum("bor,ok->brk", self.left, left) * (self.right @ right))
 
     def __mul__(self, scale: float) -> LowRank:
         if self.left.numel() <= self.right.numel():
@@ -415,10 +425,8 @@ class RowSparse(PerExampleGradient):
         sel = _batch_index(sel, self.batch_size, self.device)
         return RowSparse(self.indices[sel], self.values[sel], self.num_rows)
 
-    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ul = left[self.indices]
-        vr = self.values @ right
-        return (ul * vr).sum(), (ul.abs() * vr.abs()).sum()
+    def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self._terms(left[self.indices] * (self.values @ right))
 
     def __mul__(self, scale: float) -> RowSparse:
         return RowSparse(self.indices, self.values * scale, self.num_rows)
