@@ -317,7 +317,9 @@ class PerExampleGradients:
             # Stored [k, n] and handed out transposed: BLAS is several times faster with skinny
             # right-hand sides in this layout.
             u, w = (
-                torch.randn(_PROBES, n, generator=self._probe_generator, dtype=torch.float64).to(param.device, dtype).t()
+                torch.randn(_PROBES, n, generator=self._probe_generator, dtype=torch.float64)
+                .to(param.device, dtype)
+                .t()
                 for n in (rows, param.numel() // rows)
             )
             cached = self._probes[name] = (u, w)
