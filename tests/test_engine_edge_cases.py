@@ -300,3 +300,23 @@ def test_check_can_be_turned_off():
         model(idx).square().mean().backward()
         grads = engine.collect()  # no error: the caller opted out of the check
     assert grads["wte.weight"].batch_size == 4
+
+
+def test_check_does_not_fire_at_an_optimum_in_float32():
+    """At a least-squares optimum Σ_i g_i = 0 up to rounding while each g_i is large: the check's
+    tolerance scales with the terms, not with the (vanishing) total, so it must stay quiet."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 300, generator=gen)
+    y = x @ torch.randn(300, 1, generator=gen) + torch.randn(512, 1, generator=gen)
+    layer = nn.Linear(300, 1)
+    design = torch.cat([x, torch.ones(512, 1)], 1).double()
+    solution = torch.linalg.lstsq(design, y.double()).solution
+    with torch.no_grad():
+        layer.weight.copy_(solution[:300].t())
+        layer.bias.copy_(solution[300])
+    with PerExampleGradients(layer, "mean") as engine:
+        (layer(x) - y).square().mean().backward()
+        grads = engine.collect()
+    total = grads["weight"].sum().norm()
+    typical = grads["weight"].sq_norms().sqrt().mean()
+    assert total < 1e-2 * typical * 512  # the gradients do cancel
