@@ -110,7 +110,7 @@ class PerExampleGradients:
         self._param_grads: dict[str, torch.Tensor] = {}
         self._probe_generator = torch.Generator().manual_seed(0x5EED)  # never touches the global RNG
         self._probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._model_tensor_ids: set[int] = set()
+        self._model_tensors: dict[int, torch.Tensor] = {}
         self.clear()
         self._find_units(model, "")
         # One name per trainable parameter, in model order (a tied parameter keeps its first name).
@@ -220,7 +220,7 @@ class PerExampleGradients:
         unit.calls.append(call)
 
     def _is_model_tensor(self, t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and id(t) in self._model_tensor_ids
+        return isinstance(t, torch.Tensor) and self._model_tensors.get(id(t)) is t
 
     # -- results -------------------------------------------------------------------------------
 
@@ -373,8 +373,9 @@ class PerExampleGradients:
         """Forget the saved inputs and gradients of the last batch (frees their memory)."""
         for unit in self._units:
             unit.calls.clear()
-        # Refreshed per batch: a buffer may be reassigned between batches.
-        self._model_tensor_ids = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        # Refreshed per batch, as a buffer may be reassigned. Holding the tensors (not just their ids)
+        # keeps an id from being reused by an activation within the batch.
+        self._model_tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
         self._param_grads.clear()
         self._grads_arrived = False
         self._model_batch_size = None
