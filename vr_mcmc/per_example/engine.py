@@ -35,6 +35,7 @@ class _Call:
     versions: list[int]
     batch_size: int
     shared: frozenset = frozenset()  # positions / names of arguments that are model tensors
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) if run under autocast
     grads: list[torch.Tensor | None] = field(default_factory=list)
 
 
@@ -55,6 +56,19 @@ def _leading_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(a, torch.Tensor) and a.dim() >= 1:
             return a.shape[0]
     return None
+
+
+def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the autocast region in force, or None (torch >= 2.4 and older APIs)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return device_type, torch.get_autocast_dtype(device_type)
+    return device_type, torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
 def _uses_batch_statistics(module: nn.Module) -> bool:
@@ -211,6 +225,7 @@ class PerExampleGradients:
             versions=[t._version for t in outputs] if fallback else [],
             batch_size=batch_size,
             shared=frozenset(k for k, a in (*enumerate(args), *kwargs.items()) if self._is_model_tensor(a)),
+            autocast=_autocast_state(outputs[0].device.type),
             grads=[None] * len(outputs),
         )
         for k, t in enumerate(outputs):
@@ -262,22 +277,26 @@ class PerExampleGradients:
                     "needs the inputs as they were (copy the next batch into a new tensor instead)"
                 )
         per_param: dict[int, list[PerExampleGradient]] = {}
-        eps: dict[int, float] = {}
+        low_eps: dict[int, float] = {}
         if batch_size > 0:
             for unit, call in live:
                 for local, rep in self._unit_grads(unit, call).items():
                     key = id(unit.params[local])
                     per_param.setdefault(key, []).append(rep)
+                    # The lowest precision the call's operands had: its output gradients' or autocast's.
                     low = max(torch.finfo(g.dtype).eps for g in call.grads if g is not None)
-                    eps[key] = max(eps.get(key, 0.0), low)
+                    if call.autocast is not None:
+                        low = max(low, torch.finfo(call.autocast[1]).eps)
+                    low_eps[key] = max(low_eps.get(key, 0.0), low)
         out: dict[str, PerExampleGradient] = {}
         for name, p in self.parameter_names.items():
             reps = per_param.get(id(p))
             out[name] = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
         if self.check:
-            self._check_adds_up(
-                out, {n: eps.get(id(p), torch.finfo(p.dtype).eps) for n, p in self.parameter_names.items()}
-            )
+            self._check_adds_up(out, {n: low_eps.get(id(p), 0.0) for n, p in self.parameter_names.items()})
+        for rep in out.values():
+            if isinstance(rep, Dense):
+                rep.drop_terms()  # views of activations, needed only by the check
         return out
 
     def _unit_grads(self, unit: _Unit, call: _Call) -> dict[str, PerExampleGradient]:
@@ -286,7 +305,7 @@ class PerExampleGradients:
             try:
                 found = fallback_rule(
                     unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
-                    call.batch_size, shared=call.shared,
+                    call.batch_size, shared=call.shared, autocast=call.autocast,
                 )
             finally:
                 self._replaying = False
@@ -325,15 +344,17 @@ class PerExampleGradients:
             cached = self._probes[name] = (u, w)
         return cached
 
-    def _check_adds_up(self, grads: dict[str, PerExampleGradient], eps: dict[str, float]) -> None:
+    def _check_adds_up(self, grads: dict[str, PerExampleGradient], low_eps: dict[str, float]) -> None:
         """Σ_i g_i must equal each parameter's gradient G from this backward (×B for a mean).
 
         Checked through random rank-1 probes uᵀ(·)w with standard normal u, w, which cost what the
-        representations hold. A missing part D of the gradient moves a probe by about ‖D‖_F; the
-        rounding of n summed terms moves it by about eps·√n·(their root-sum-square + ‖G‖_F), and
-        the tolerance is 1000 times that. This catches every way a parameter can get gradient the
-        hooks did not see: a parameter used outside the forward of its module, a child of a
-        torch.func layer also called directly, an extra autograd pass through the graph.
+        representations hold. A missing part D of the gradient moves a probe by about ‖D‖_F. With S
+        the root-sum-square of the probe's n terms plus ‖G‖_F, accumulating in the parameters'
+        precision moves it by about eps·√n·S, and operands rounded to a lower precision (autocast,
+        eps_low) by about eps_low·S; the tolerance is (1000·eps·√n + 20·eps_low)·S. This catches
+        every way a parameter can get gradient the hooks did not see: a parameter used outside the
+        forward of its module, a child of a torch.func layer also called directly, an extra
+        autograd pass through the graph, a non-per-example term in the loss.
         """
         names, gaps, scales, coefficients = [], [], [], []
         for name, rep in grads.items():
@@ -351,22 +372,28 @@ class PerExampleGradients:
             names.append(name)
             gaps.append(value.abs().to("cpu", torch.float64))
             scales.append(rss.to("cpu", torch.float64))
-            coefficients.append(1000 * eps[name] * count**0.5)
+            eps = torch.finfo(rep.dtype).eps
+            coefficients.append(1000 * eps * count**0.5 + 20 * (low_eps[name] if low_eps[name] > eps else 0.0))
         if not names:
             return
         # One host transfer for all parameters; float64 so that a zero gradient (0/0) counts as agreement.
-        ratio = (torch.stack(gaps).amax(1) / (torch.stack(scales).amax(1) * torch.tensor(coefficients) + 1e-300))
-        bad = (ratio > 1) | ratio.isnan()
+        gap, scale = torch.stack(gaps).amax(1), torch.stack(scales).amax(1)
+        ratio = gap / (scale * torch.tensor(coefficients) + 1e-300)
+        # Non-finite gradients (an overflowing mixed-precision step) cannot be checked; the caller
+        # sees them in the gradients themselves.
+        bad = (ratio > 1) & gap.isfinite() & scale.isfinite()
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise PerExampleError(
                 f"the per-example gradients of '{names[i]}' do not add up to its gradient from the backward pass "
-                f"(off by {float(ratio[i]):.3g} times the rounding tolerance), so some of its gradient did not "
-                "pass through the engine's hooks. Common causes: the parameter is used outside the forward of "
-                "the module that owns it (e.g. h @ self.embed.weight.T in a parent's forward: tie it to an "
-                "nn.Linear instead, or register a rule for the parent); a child of a layer without a rule is "
-                "also called directly; an extra autograd pass (torch.autograd.grad) ran through the graph "
-                "before backward."
+                f"(off by {float(ratio[i]):.3g} times the rounding tolerance), so part of its gradient did not "
+                "come from per-example losses through the engine's hooks. Common causes: a term of the loss "
+                "that is not a sum of per-example losses (a prior or weight decay added to the loss: give it to "
+                "the sampler as prior= instead); the parameter used outside the forward of the module that "
+                "owns it (e.g. h @ self.embed.weight.T in a parent's forward: tie it to an nn.Linear instead, "
+                "or register a rule for the parent); a child of a layer without a rule also called directly; "
+                "an extra autograd pass (torch.autograd.grad) through the graph before backward; activation "
+                "checkpointing (not supported). PerExampleGradients(..., check=False) skips this check."
             )
 
     def clear(self) -> None:

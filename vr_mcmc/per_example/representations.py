@@ -125,7 +125,8 @@ class PerExampleGradient:
     @staticmethod
     def _terms(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Reduce terms [..., k] to per-probe sums and root-sum-squares."""
-        flat = terms.reshape(-1, terms.shape[-1])
+        # float64: squares of tiny (or huge) float32 terms must not underflow (or overflow).
+        flat = terms.reshape(-1, terms.shape[-1]).double()
         return flat.sum(0), torch.linalg.vector_norm(flat, dim=0), flat.shape[0]
 
     def _check_weights(self, weights: torch.Tensor | None) -> torch.Tensor | None:
@@ -158,18 +159,36 @@ class PerExampleGradient:
 
 
 class Dense(PerExampleGradient):
-    """Per-example gradients held as one tensor ``G [B, *shape]``: ``g_i = G[i]``."""
+    """Per-example gradients held as one tensor ``G [B, *shape]``: ``g_i = G[i]``.
 
-    def __init__(self, grads: torch.Tensor):
+    Built with `from_terms` from per-position terms ``[B, T, *shape]`` (``g_i = Σ_t terms[i, t]``,
+    as for biases and normalization parameters), it keeps those terms, views of the batch's
+    tensors, until the engine has checked Σ_i g_i against the gradient: the size of what was
+    summed, not of the sum, sets the scale of rounding error.
+    """
+
+    def __init__(self, grads: torch.Tensor, terms: torch.Tensor | None = None, terms_scale: float = 1.0):
         if grads.dim() < 1:
             raise ValueError("Dense needs a tensor [B, *shape] with a leading batch dimension")
         self.grads = grads
         self.shape = grads.shape[1:]
+        self.terms = terms
+        self.terms_scale = terms_scale
+
+    @classmethod
+    def from_terms(cls, terms: torch.Tensor) -> Dense:
+        """``g_i = Σ_t terms[i, t]`` for terms ``[B, T, *shape]``."""
+        return cls(terms.sum(1), terms)
 
     @classmethod
     def zeros(cls, batch_size: int, shape: Sequence[int], *, dtype: torch.dtype, device: Any) -> Dense:
         """Zero gradients for every example, stored in one element (a broadcast view)."""
         return cls(torch.zeros((), dtype=dtype, device=device).expand(batch_size, *shape))
+
+    def drop_terms(self) -> Dense:
+        """Forget the per-position terms (they are needed only for checking)."""
+        self.terms = None
+        return self
 
     @property
     def batch_size(self) -> int:
@@ -200,18 +219,27 @@ class Dense(PerExampleGradient):
         return self.grads.reshape(self.batch_size, math.prod(self.shape)).square().sum(1)
 
     def index(self, sel: Any) -> Dense:
-        return Dense(self.grads[_batch_index(sel, self.batch_size, self.device)])
+        sel = _batch_index(sel, self.batch_size, self.device)
+        terms = None if self.terms is None else self.terms[sel]
+        return Dense(self.grads[sel], terms, self.terms_scale)
 
     def __mul__(self, scale: float) -> Dense:
-        return Dense(self.grads * scale)
+        # The terms stay as they are (views of activations); their scale is a number.
+        return Dense(self.grads * scale, self.terms, self.terms_scale * scale)
 
     def probe(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        b, (rows, k), cols = self.batch_size, left.shape, right.shape[0]
-        g = self.grads.reshape(b, rows, cols)
+        src = self.grads.unsqueeze(1) if self.terms is None else self.terms
+        b, t = src.shape[:2]
+        (rows, k), cols = left.shape, right.shape[0]
+        g = src.reshape(b * t, rows, cols)
         # One 2-D matmul over the larger of the two dimensions, then a cheap reduction over the other.
         if rows >= cols:
-            return self._terms(((g.transpose(1, 2).reshape(b * cols, rows) @ left).view(b, cols, k) * right).sum(1))
-        return self._terms(((g.reshape(b * rows, cols) @ right).view(b, rows, k) * left).sum(1))
+            terms = ((g.transpose(1, 2).reshape(b * t * cols, rows) @ left).view(b * t, cols, k) * right).sum(1)
+        else:
+            terms = ((g.reshape(b * t * rows, cols) @ right).view(b * t, rows, k) * left).sum(1)
+        value, rss, count = self._terms(terms)
+        scale = 1.0 if self.terms is None else self.terms_scale
+        return value * scale, rss * abs(scale), count
 
 
 class Factored(PerExampleGradient):
@@ -480,4 +508,6 @@ def combine(reps: Sequence[PerExampleGradient]) -> PerExampleGradient:
     total = reps[0].dense()
     for r in reps[1:]:
         total = total + r.dense()
+    if all(isinstance(r, Dense) and r.terms is not None and r.terms_scale == first.terms_scale for r in reps):
+        return Dense(total, torch.cat([r.terms for r in reps], 1), first.terms_scale)
     return Dense(total)

@@ -56,7 +56,7 @@ def conv_rule(
         )
     out: dict[str, PerExampleGradient] = {}
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = Dense(grad_output.flatten(2).sum(2))
+        out["bias"] = Dense.from_terms(grad_output.flatten(2).transpose(1, 2))
     if not module.weight.requires_grad:
         return out
 

@@ -44,5 +44,5 @@ def linear_rule(module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> 
     if module.weight.requires_grad:
         out["weight"] = factored_or_dense(a, dz, module.weight.shape)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = Dense(dz.sum(1))
+        out["bias"] = Dense.from_terms(dz)
     return out

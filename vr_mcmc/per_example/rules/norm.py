@@ -24,18 +24,19 @@ def _affine_grads(module: nn.Module, xhat: torch.Tensor, grad_output: torch.Tens
     """
     b = xhat.shape[0]
 
-    def reduce(t: torch.Tensor) -> torch.Tensor:
+    def by_position(t: torch.Tensor) -> torch.Tensor:
+        """[B, positions, *param shape]: the terms summed into each example's gradient."""
         if channel_first:
-            return t.reshape(b, t.shape[1], -1).sum(2)
-        return t.reshape(b, -1, *t.shape[t.dim() - param_dims:]).sum(1)
+            return t.reshape(b, t.shape[1], -1).transpose(1, 2)
+        return t.reshape(b, -1, *t.shape[t.dim() - param_dims:])
 
     out: dict[str, PerExampleGradient] = {}
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     if weight is not None and weight.requires_grad:
-        out["weight"] = Dense(reduce(grad_output * xhat))
+        out["weight"] = Dense.from_terms(by_position(grad_output * xhat))
     if bias is not None and bias.requires_grad:
-        out["bias"] = Dense(reduce(grad_output))
+        out["bias"] = Dense.from_terms(by_position(grad_output))
     return out
 
 
