@@ -161,3 +161,13 @@ def test_normalization(c, length, which, bias, batch, reduction, dtype, seed):
         layer.bias.requires_grad_(False)
     x = torch.randn(batch, c, length, generator=gen, dtype=dtype) * 3 + 1
     check_engine(layer, x, _target_like(layer, x, gen).to(dtype), reduction=reduction, kind="linear")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_conv_batch_spanning_several_chunks(reduction):
+    """The dense path runs the grouped convolution on chunks of examples: 70 = 2 full chunks + 6."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2).double()
+    x = torch.randn(70, 4, 9, 9, dtype=torch.float64)
+    grads = check_engine(layer, x, _target_like(layer, x, torch.Generator()), reduction=reduction, kind="conv")
+    assert isinstance(grads["weight"], Dense)

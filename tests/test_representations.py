@@ -98,9 +98,13 @@ def test_operations_match_definition(case):
     expected = [sum(u[:, j] @ ref[i].reshape(len(u), -1) @ v[:, j] for i in range(B)) for j in range(3)]
     torch.testing.assert_close(value, torch.stack(expected), rtol=1e-12, atol=1e-12)
     assert count >= B and rss.shape == (3,) and bool((rss > 0).all())
-    for scaled in (rep * 2.5, 2.5 * rep):
+    for scaled in (rep * 2.5, 2.5 * rep, (rep * -0.5) * -5):
         assert type(scaled) is type(rep)
         torch.testing.assert_close(scaled.dense(), 2.5 * ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scaled.sum(w), 2.5 * sum(w[i] * ref[i] for i in range(B)), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scaled.sq_norms(), 6.25 * norms, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scaled.index([1, 3]).dense(), 2.5 * ref[[1, 3]], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scaled.probe(u, v)[0], 2.5 * value, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -5,7 +5,7 @@ gradient of example i is ``dZ_iᵀ A'_i`` per group, a `Factored` representation
 gradient is dZ summed over positions. The factors hold L·(c_in·k… + c_out) numbers and the
 dense gradient c_out·c_in/G·k…, so the rule returns whichever is smaller. The dense one is
 computed without unfolding, as the weight gradient of one convolution whose groups are the
-B examples × G groups (one call of the library's convolution backward).
+B examples × G groups (the library's convolution backward, on chunks of examples).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from torch import nn
 from ..errors import PerExampleError
 from ..registry import register_rule
 from ..representations import Dense, Factored, PerExampleGradient
+
+_CONV_CHUNK = 32  # examples per grouped-convolution call in the dense path
 
 
 def _pads(module: nn.modules.conv._ConvNd, n: int) -> list[tuple[int, int]]:
@@ -86,20 +88,25 @@ def conv_rule(
         out["weight"] = Factored(a, dz, module.weight.shape)
         return out
 
-    # Examples become groups of one convolution: input [1, B·C_in, ...], weight [B·C_out, C_in/G, k...].
-    weight_shape = (b * c_out, c_in // groups, *module.kernel_size)
-    grad_weight = torch.ops.aten.convolution_backward(
-        grad_output.reshape(1, b * c_out, *out_shape),
-        x.reshape(1, b * c_in, *x.shape[2:]),
-        x.new_empty(weight_shape),  # only its shape is read; a real tensor suits every backend
-        None,
-        list(module.stride),
-        padding,
-        list(module.dilation),
-        False,
-        [0] * n,
-        b * groups,
-        [False, True, False],
-    )[1]
-    out["weight"] = Dense(grad_weight.view(b, *module.weight.shape))
+    # Examples become groups of one convolution: input [1, b·C_in, ...], weight [b·C_out, C_in/G, k...],
+    # taken _CONV_CHUNK examples at a time (measured on CPU: as fast or faster than the whole batch
+    # in one call for every layer of the benchmark CNN, and 1.5-2.4x faster for 32-64 channels).
+    grad_weight = x.new_empty(b, *module.weight.shape)
+    for s in range(0, b, _CONV_CHUNK):
+        xs, gs = x[s : s + _CONV_CHUNK], grad_output[s : s + _CONV_CHUNK]
+        n_ex = xs.shape[0]
+        grad_weight[s : s + n_ex] = torch.ops.aten.convolution_backward(
+            gs.reshape(1, n_ex * c_out, *out_shape),
+            xs.reshape(1, n_ex * c_in, *x.shape[2:]),
+            x.new_empty(n_ex * c_out, c_in // groups, *module.kernel_size),  # only its shape is read
+            None,
+            list(module.stride),
+            padding,
+            list(module.dilation),
+            False,
+            [0] * n,
+            n_ex * groups,
+            [False, True, False],
+        )[1].view(n_ex, *module.weight.shape)
+    out["weight"] = Dense(grad_weight)
     return out
