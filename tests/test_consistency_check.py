@@ -171,3 +171,13 @@ def test_autocast_fallback_module_matches_the_float64_loop_to_bfloat16_precision
     for n, r in ref.items():
         err = float((grads[n].dense().double() - r).norm() / r.norm().clamp_min(1e-12))
         assert err < 5e-2, f"{n}: relative error {err:.2e} beyond bfloat16 precision"
+
+
+def test_check_ratios_are_reported_for_every_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    with PerExampleGradients(model) as engine:
+        F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+        engine.collect()
+    assert set(engine.check_ratios) == {n for n, _ in model.named_parameters()}
+    assert all(0 <= r < 1e-2 for r in engine.check_ratios.values())  # float32 rounding is far below

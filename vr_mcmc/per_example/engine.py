@@ -116,6 +116,8 @@ class PerExampleGradients:
         self.model = model
         self.loss_reduction = loss_reduction
         self.check = check
+        # Per parameter, the last check's gap in units of its tolerance (> 1 fails).
+        self.check_ratios: dict[str, float] = {}
         self._units: list[_Unit] = []
         self._handles: list[Any] = []
         self._replaying = False  # the fallback replays modules; their hooks must not record that
@@ -382,6 +384,7 @@ class PerExampleGradients:
         ratio = gap / (scale * torch.tensor(coefficients) + 1e-300)
         # Non-finite gradients (an overflowing mixed-precision step) cannot be checked; the caller
         # sees them in the gradients themselves.
+        self.check_ratios = dict(zip(names, ratio.tolist()))
         bad = (ratio > 1) & gap.isfinite() & scale.isfinite()
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
