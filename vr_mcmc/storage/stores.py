@@ -1,0 +1,192 @@
+"""Row stores for one parameter of a gradient table, one storage layout each.
+
+A store keeps R rows (one per example, or per partition block) of one parameter's gradient.
+``write(rows, rep)`` replaces those rows with the representation's per-example gradients and
+returns the exact change of the sum of the stored rows, computed from what was *stored* (after
+compression and rounding to the storage dtype), in the compute dtype: this is what keeps a
+table's ``total`` equal to the sum of its rows (DESIGN.md §2, the SAGA invariant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..per_example import Dense, Factored, LowRank, PerExampleGradient, RowSparse
+from .svd import randomized_svd
+
+__all__ = ["DenseStore", "FactoredStore", "LowRankStore", "SparseStore", "Store"]
+
+_CHUNK_ELEMENTS = 1 << 24  # bound on temporary dense blocks when compressing
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class Store:
+    """Base class: R rows of a parameter of shape ``shape``."""
+
+    kind = ""
+
+    def __init__(self, shape: torch.Size, compute_dtype: torch.dtype):
+        self.shape = torch.Size(shape)
+        self.compute_dtype = compute_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def rows_rep(self, rows: torch.Tensor) -> PerExampleGradient:
+        """The stored rows as a representation in the compute dtype."""
+        raise NotImplementedError
+
+    def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.rows_rep(rows).sum()
+
+    def write(self, rows: torch.Tensor, rep: PerExampleGradient) -> torch.Tensor:
+        """Store ``rep``'s gradients in ``rows``; returns Σ(new stored) − Σ(old stored) over them."""
+        old = self.sum_rows(rows)
+        self._put(rows, rep)
+        return self.sum_rows(rows) - old
+
+    def _put(self, rows: torch.Tensor, rep: PerExampleGradient) -> None:
+        raise NotImplementedError
+
+
+class DenseStore(Store):
+    """Rows ``[R, *shape]``: the paper's naive table."""
+
+    kind = "dense"
+
+    def __init__(self, num_rows: int, shape, dtype, device, compute_dtype):
+        super().__init__(shape, compute_dtype)
+        self.data = torch.zeros(num_rows, *shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_needed(num_rows: int, shape, dtype: torch.dtype) -> int:
+        return num_rows * math.prod(shape) * _itemsize(dtype)
+
+    def _tensors(self):
+        return [self.data]
+
+    def rows_rep(self, rows):
+        return Dense(self.data[rows].to(self.compute_dtype))
+
+    def _put(self, rows, rep):
+        self.data[rows] = rep.dense().to(self.data.dtype)
+
+
+class FactoredStore(Store):
+    """Rows as factors A ``[R, G, T, d_in]`` and dZ ``[R, G, T, d_out]``: T·(d_in + d_out) numbers a row."""
+
+    kind = "factored"
+
+    def __init__(self, num_rows: int, shape, groups: int, positions: int, d_in: int, d_out: int, dtype, device,
+                 compute_dtype):
+        super().__init__(shape, compute_dtype)
+        self.inputs = torch.zeros(num_rows, groups, positions, d_in, dtype=dtype, device=device)
+        self.grad_outputs = torch.zeros(num_rows, groups, positions, d_out, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_needed(num_rows: int, groups: int, positions: int, d_in: int, d_out: int, dtype) -> int:
+        return num_rows * groups * positions * (d_in + d_out) * _itemsize(dtype)
+
+    def _tensors(self):
+        return [self.inputs, self.grad_outputs]
+
+    def rows_rep(self, rows):
+        return Factored(self.inputs[rows].to(self.compute_dtype), self.grad_outputs[rows].to(self.compute_dtype),
+                        self.shape)
+
+    def _put(self, rows, rep):
+        if not isinstance(rep, Factored) or rep.inputs.shape[1:] != self.inputs.shape[1:] \
+                or rep.grad_outputs.shape[1:] != self.grad_outputs.shape[1:]:
+            raise ValueError(
+                f"a factored table row holds factors {tuple(self.inputs.shape[1:])} and "
+                f"{tuple(self.grad_outputs.shape[1:])}; got {rep!r}. Keep the number of positions fixed "
+                "(pad sequences to one length) or use policy='dense'"
+            )
+        # Factored gradients scale their smaller factor; copy both as they are.
+        self.inputs[rows] = rep.inputs.to(self.inputs.dtype)
+        self.grad_outputs[rows] = rep.grad_outputs.to(self.grad_outputs.dtype)
+
+
+class SparseStore(Store):
+    """Rows of an embedding table as T looked-up rows and their values: T·(D + 1) numbers a row."""
+
+    kind = "sparse"
+
+    def __init__(self, num_rows: int, shape, lookups: int, dtype, device, compute_dtype):
+        super().__init__(shape, compute_dtype)
+        self.indices = torch.zeros(num_rows, lookups, dtype=torch.long, device=device)
+        self.values = torch.zeros(num_rows, lookups, shape[1], dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_needed(num_rows: int, shape, lookups: int, dtype) -> int:
+        return num_rows * lookups * (8 + shape[1] * _itemsize(dtype))
+
+    def _tensors(self):
+        return [self.indices, self.values]
+
+    def rows_rep(self, rows):
+        return RowSparse(self.indices[rows], self.values[rows].to(self.compute_dtype), self.shape[0])
+
+    def _put(self, rows, rep):
+        if not isinstance(rep, RowSparse) or rep.indices.shape[1] != self.indices.shape[1]:
+            raise ValueError(
+                f"a sparse table row holds {self.indices.shape[1]} lookups; got {rep!r}. Keep the number of "
+                "lookups per example fixed or use policy='dense'"
+            )
+        self.indices[rows] = rep.indices
+        self.values[rows] = rep.values.to(self.values.dtype)
+
+
+class LowRankStore(Store):
+    """Rows of rank at most r: U·S ``[R, m, r]`` and Vᵀ ``[R, r, n]`` of each row's truncated SVD.
+
+    The parameter is viewed as a matrix [shape[0], rest]. ``last_error`` holds, for the rows of
+    the last write, the relative Frobenius error ‖g − g_r‖/‖g‖ the truncation dropped.
+    """
+
+    kind = "lowrank"
+
+    def __init__(self, num_rows: int, shape, rank: int, dtype, device, compute_dtype, *, seed: int = 0):
+        super().__init__(shape, compute_dtype)
+        self.m = shape[0]
+        self.n = math.prod(shape) // self.m
+        self.rank = min(rank, self.m, self.n)
+        self.left = torch.zeros(num_rows, self.m, self.rank, dtype=dtype, device=device)
+        self.right = torch.zeros(num_rows, self.rank, self.n, dtype=dtype, device=device)
+        self.last_error = torch.zeros(0, dtype=compute_dtype)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @staticmethod
+    def bytes_needed(num_rows: int, shape, rank: int, dtype) -> int:
+        m = shape[0]
+        n = math.prod(shape) // m
+        return num_rows * min(rank, m, n) * (m + n) * _itemsize(dtype)
+
+    def _tensors(self):
+        return [self.left, self.right]
+
+    def rows_rep(self, rows):
+        return LowRank(self.left[rows].to(self.compute_dtype), self.right[rows].to(self.compute_dtype), self.shape)
+
+    def _put(self, rows, rep):
+        b = rep.batch_size
+        step = max(1, _CHUNK_ELEMENTS // max(1, self.m * self.n))
+        errors = []
+        for s in range(0, b, step):
+            matrices = rep.index(slice(s, s + step)).dense().reshape(-1, self.m, self.n).to(self.compute_dtype)
+            u, sv, vh = randomized_svd(matrices, self.rank, generator=self.generator)
+            self.left[rows[s : s + step]] = (u * sv.unsqueeze(1)).to(self.left.dtype)
+            self.right[rows[s : s + step]] = vh.to(self.right.dtype)
+            total = matrices.square().sum((1, 2))
+            kept = (u * sv.unsqueeze(1) @ vh).square().sum((1, 2))
+            errors.append(((total - kept).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt())
+        self.last_error = torch.cat(errors) if errors else self.last_error

@@ -1,0 +1,220 @@
+"""`GradientTable`: one stored gradient per example (or per partition block), for SAGA-type estimators."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..data import Partition
+from ..per_example import PerExampleGradient
+from .blocks import merge_examples
+from .planner import RowLayout, available_bytes, strategy_bytes
+from .stores import DenseStore, FactoredStore, LowRankStore, SparseStore, Store
+
+__all__ = ["GradientTable", "TableTooLargeError"]
+
+POLICIES = ("auto", "dense", "factored", "lowrank")
+
+
+class TableTooLargeError(MemoryError):
+    """The table would not fit in the free memory of its device."""
+
+
+class GradientTable:
+    """Rows h_j, one per example (or per block of ``block_size`` examples), and ``total = Σ_j h_j``.
+
+    Storage per parameter, chosen when the first gradients arrive (``update``), by ``policy``:
+
+    - ``"dense"``: ``[rows, *shape]`` (the paper's naive table);
+    - ``"factored"``: Linear-type gradients as their factors, T·(d_in + d_out) numbers a row;
+      other parameters dense;
+    - ``"lowrank"``: rank-``rank`` truncated SVD of each row's gradient matrix (randomized SVD),
+      recording the relative error dropped (``lowrank_error``); vector parameters dense;
+    - ``"auto"``: per parameter, the cheapest exact layout (factors, embedding lookups or dense).
+
+    ``dtype`` is the storage dtype (e.g. float16/bfloat16); ``total`` accumulates in the
+    parameters' dtype. The invariant, kept exactly up to the rounding of that accumulation:
+    after every ``update``, ``total`` equals the sum of the rows as actually stored (after
+    compression and rounding), so SAGA's estimate stays unbiased. A table larger than the free
+    memory of its device is refused before allocation (`TableTooLargeError`, listing cheaper
+    strategies).
+
+    With ``block_size=k`` the rows are the blocks of a seeded `vr_mcmc.data.Partition`
+    (``seed``); every batch given to ``update``/``sum_rows`` must be a union of whole blocks, as
+    `vr_mcmc.data.BlockSampler` (same num_data, block_size, seed) draws them.
+    """
+
+    def __init__(
+        self,
+        params_or_model: nn.Module | Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
+        num_data: int,
+        policy: str = "auto",
+        rank: int | None = None,
+        block_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        seed: int = 0,
+    ):
+        if isinstance(params_or_model, nn.Module):
+            params = {n: p for n, p in params_or_model.named_parameters() if p.requires_grad}
+        elif isinstance(params_or_model, Mapping):
+            params = dict(params_or_model)
+        else:
+            params = {str(i): p for i, p in enumerate(params_or_model)}
+        if not params:
+            raise ValueError("GradientTable needs at least one trainable parameter")
+        if not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if policy == "lowrank" and (rank is None or rank < 1):
+            raise ValueError("policy='lowrank' needs rank >= 1 (e.g. rank=4)")
+        if policy != "lowrank" and rank is not None:
+            raise ValueError(f"rank={rank} applies to policy='lowrank' only (got policy={policy!r})")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"the storage dtype must be a floating-point dtype, got {dtype}")
+        self.params = params
+        self.num_data = num_data
+        self.policy = policy
+        self.rank = rank
+        self.block_size = block_size
+        self.partition = Partition(num_data, block_size, seed=seed) if block_size else None
+        self.num_rows = self.partition.num_blocks if self.partition else num_data
+        self.storage_dtype = dtype
+        self.device = torch.device(device) if device is not None else next(iter(params.values())).device
+        self.seed = seed
+        self.stores: dict[str, Store] = {}
+        self._total = {n: torch.zeros(p.shape, dtype=p.dtype, device=self.device) for n, p in params.items()}
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _layout_for(self, name: str, layout: RowLayout) -> str:
+        dtype = self._dtype(name)
+        if self.policy == "dense":
+            return "dense"
+        if self.policy == "factored":
+            return "factored" if layout.kind == "factored" else "dense"
+        if self.policy == "lowrank":
+            return "lowrank" if layout.is_matrix else "dense"
+        return layout.cheapest_exact(self.num_rows, dtype)
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return self.storage_dtype or self.params[name].dtype
+
+    def _allocate(self, reps: Mapping[str, PerExampleGradient]) -> None:
+        layouts = {n: RowLayout.of(rep) for n, rep in reps.items()}
+        chosen = {n: self._layout_for(n, lay) for n, lay in layouts.items()}
+        need = sum(layouts[n].bytes(chosen[n], self.num_rows, self._dtype(n), self.rank or 1) for n in layouts)
+        free = available_bytes(self.device)
+        if need > free:
+            raise TableTooLargeError(self._too_large_message(need, free, layouts))
+        for n, lay in layouts.items():
+            p, dtype, rows = self.params[n], self._dtype(n), self.num_rows
+            kind = chosen[n]
+            if kind == "factored":
+                store: Store = FactoredStore(rows, lay.shape, lay.groups, lay.positions, lay.d_in, lay.d_out, dtype,
+                                             self.device, p.dtype)
+            elif kind == "sparse":
+                store = SparseStore(rows, lay.shape, lay.lookups, dtype, self.device, p.dtype)
+            elif kind == "lowrank":
+                store = LowRankStore(rows, lay.shape, self.rank, dtype, self.device, p.dtype, seed=self.seed)
+            else:
+                store = DenseStore(rows, lay.shape, dtype, self.device, p.dtype)
+            self.stores[n] = store
+
+    def _too_large_message(self, need: int, free: int, layouts: Mapping[str, RowLayout]) -> str:
+        def total(strategy: str, rank: int = 1, k: int = 128) -> int:
+            return sum(strategy_bytes(lay, strategy, self.num_data, self._dtype(n), rank, k)
+                       for n, lay in layouts.items())
+
+        options = [
+            ("policy='dense'", total("naive")),
+            ("policy='factored'", total("factored")),
+            ("policy='auto'", total("auto")),
+            ("policy='lowrank', rank=1", total("rank", 1)),
+            ("policy='lowrank', rank=4", total("rank", 4)),
+            ("block_size=128", total("partition", 1, 128)),
+            ("policy='lowrank', rank=1, block_size=128", total("rank+partition", 1, 128)),
+        ]
+        cheaper = "; ".join(f"{what}: {b / 1e9:.3g} GB" for what, b in options if b < need)
+        return (
+            f"the gradient table needs {need / 1e9:.3g} GB but {self.device} has {free / 1e9:.3g} GB free. "
+            f"Cheaper strategies for these {self.num_data:,} examples: {cheaper or 'none'}"
+            " (a lower storage dtype, e.g. dtype=torch.bfloat16, halves each)."
+        )
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def _rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows touched by a batch and, with partition sampling, each example's position among them."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
+            raise IndexError(f"example indices must lie in [0, {self.num_data}); got {idx.min()}..{idx.max()}")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError("a batch must not hold an example twice")
+        if self.partition is None:
+            return idx, None
+        rows = self.partition.rows(idx)
+        position = torch.searchsorted(rows, self.partition.block_of[idx])
+        return rows, position
+
+    def update(self, indices: torch.Tensor, grads: Mapping[str, PerExampleGradient]) -> None:
+        """Replace the rows of a batch with its per-example gradients (``engine.collect()``)."""
+        missing = set(self.params) - set(grads)
+        if missing:
+            raise KeyError(f"no gradients given for {sorted(missing)}")
+        rows, position = self._rows(indices)
+        b = len(torch.as_tensor(indices).reshape(-1))
+        for n in self.params:
+            if grads[n].batch_size != b:
+                raise ValueError(f"'{n}' has gradients for {grads[n].batch_size} examples but {b} indices were given")
+        if position is not None:
+            position = position.to(self.device)
+            grads = {n: merge_examples(grads[n], position, rows.numel(), self.block_size) for n in self.params}
+        if not self.stores:
+            self._allocate({n: grads[n] for n in self.params})
+        rows = rows.to(self.device)
+        for n, store in self.stores.items():
+            self._total[n] += store.write(rows, grads[n]).to(self._total[n].dtype)
+
+    def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ of the stored rows of a batch's examples (with partition sampling: of its blocks)."""
+        rows, _ = self._rows(indices)
+        if not self.stores:
+            return {n: torch.zeros_like(t) for n, t in self._total.items()}
+        rows = rows.to(self.device)
+        return {n: store.sum_rows(rows).to(self._total[n].dtype) for n, store in self.stores.items()}
+
+    @property
+    def total(self) -> dict[str, torch.Tensor]:
+        """``Σ_j h_j`` over all rows, per parameter, in the parameters' dtype."""
+        return self._total
+
+    def recompute_total(self) -> None:
+        """Recompute ``total`` from the stored rows (clears the rounding of many incremental updates)."""
+        if self.stores:
+            every = torch.arange(self.num_rows, device=self.device)
+            for n, store in self.stores.items():
+                self._total[n] = store.sum_rows(every).to(self._total[n].dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows (0 before the first update allocates them)."""
+        return sum(s.nbytes for s in self.stores.values())
+
+    def plan(self) -> dict[str, tuple[str, int]]:
+        """Per parameter: (storage layout, bytes). Known once the first update has allocated the table."""
+        if not self.stores:
+            raise RuntimeError(
+                "the table's layout is chosen at its first update; before that use "
+                "vr_mcmc.storage.plan(model, example_input, num_data) to see the bytes of each strategy"
+            )
+        return {n: (s.kind, s.nbytes) for n, s in self.stores.items()}
+
+    @property
+    def lowrank_error(self) -> dict[str, torch.Tensor]:
+        """Per low-rank parameter, the relative error ‖g − g_r‖/‖g‖ of each row of the last update."""
+        return {n: s.last_error for n, s in self.stores.items() if isinstance(s, LowRankStore)}
