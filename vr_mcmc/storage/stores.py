@@ -186,7 +186,7 @@ class LowRankStore(Store):
             u, sv, vh = randomized_svd(matrices, self.rank, generator=self.generator)
             self.left[rows[s : s + step]] = (u * sv.unsqueeze(1)).to(self.left.dtype)
             self.right[rows[s : s + step]] = vh.to(self.right.dtype)
-            total = matrices.square().sum((1, 2))
-            kept = (u * sv.unsqueeze(1) @ vh).square().sum((1, 2))
-            errors.append(((total - kept).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt())
+            # The residual itself, not ‖M‖² − ‖M_r‖², which cancels to noise when the error is tiny.
+            residual = torch.linalg.matrix_norm(matrices - (u * sv.unsqueeze(1)) @ vh)
+            errors.append(residual / torch.linalg.matrix_norm(matrices).clamp_min(torch.finfo(matrices.dtype).tiny))
         self.last_error = torch.cat(errors) if errors else self.last_error

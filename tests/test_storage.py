@@ -1,0 +1,217 @@
+"""Gradient tables: the SAGA invariant, exactness, low-rank optimality, partitions, the planner and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vr_mcmc.data import BlockSampler, IndexedDataset, Partition, UniformIndexSampler
+from vr_mcmc.models import mlp
+from vr_mcmc.per_example import PerExampleGradients
+from vr_mcmc.per_example.reference import loop_per_example_grads
+from vr_mcmc.storage import GradientTable, TableTooLargeError, plan, randomized_svd
+from vr_mcmc.storage import table as table_module
+
+F64 = torch.float64
+N = 36
+
+
+def _problem(dtype=F64, seed=0):
+    """A small conv + Linear + Embedding-free model whose layers take every storage layout."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 6), nn.Tanh(),
+                          nn.Linear(6, 4)).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 2, 6, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 4, (N,), generator=g)
+    return model, x, y
+
+
+def _grads(model, engine, x, y, idx):
+    model.zero_grad()
+    F.cross_entropy(model(x[idx]), y[idx]).backward()
+    return engine.collect()
+
+
+def _batches(table, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        if table.partition is not None:
+            chosen = torch.randperm(table.partition.num_blocks, generator=g)[:3].tolist()
+            yield torch.cat([table.partition.blocks[j] for j in chosen])
+        else:
+            yield torch.randperm(N, generator=g)[: int(torch.randint(1, 12, (1,), generator=g))]
+
+
+CONFIGS = [
+    dict(policy="auto"),
+    dict(policy="dense"),
+    dict(policy="factored"),
+    dict(policy="lowrank", rank=1),
+    dict(policy="lowrank", rank=3),
+    dict(policy="auto", block_size=4),
+    dict(policy="dense", block_size=5),  # 36 = 7 blocks of 5 + one of 1
+    dict(policy="lowrank", rank=2, block_size=4),
+]
+
+
+@pytest.mark.parametrize("storage", [None, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_total_equals_the_sum_of_stored_rows_after_every_update(config, storage):
+    model, x, y = _problem()
+    engine = PerExampleGradients(model)
+    table = GradientTable(model, N, dtype=storage, **config)
+    every = torch.arange(N)
+    for idx in _batches(table, 12):
+        table.update(idx, _grads(model, engine, x, y, idx))
+        stored = table.sum_rows(every)  # the rows as stored, after compression and rounding
+        for name, total in table.total.items():
+            # total accumulates in float64 from stored values: only float64 rounding separates them.
+            assert (total - stored[name]).norm() <= 1e-12 * max(float(stored[name].norm()), 1e-300), name
+
+
+@pytest.mark.parametrize("config", [dict(policy="factored"), dict(policy="auto"), dict(policy="dense"),
+                                    dict(policy="lowrank", rank=64)])
+def test_exact_policies_reproduce_the_per_example_gradients(config):
+    model, x, y = _problem()
+    engine = PerExampleGradients(model)
+    table = GradientTable(model, N, **config)
+    idx = torch.tensor([3, 17, 5, 30, 0])
+    table.update(idx, _grads(model, engine, x, y, idx))
+    ref = loop_per_example_grads(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), x[idx], y[idx])
+    for k, i in enumerate(idx.tolist()):
+        row = table.sum_rows(torch.tensor([i]))
+        for name, r in ref.items():
+            assert (row[name] - r[k]).norm() <= 1e-10 * r[k].norm(), (config, name)
+    if config["policy"] == "factored":
+        assert table.plan()["3.weight"][0] == "factored"
+
+
+def test_rank_r_error_matches_eckart_young():
+    """The randomized SVD's dropped error is the optimal rank-r error (‖σ_{r+1:}‖/‖σ‖) within 1%."""
+    g = torch.Generator().manual_seed(0)
+    # Gradient-like matrices: decaying spectra, large enough for the randomized path (r + 10 < min(m, n)).
+    u = torch.linalg.qr(torch.randn(8, 64, 64, generator=g, dtype=F64))[0]
+    v = torch.linalg.qr(torch.randn(8, 96, 64, generator=g, dtype=F64))[0]
+    spectrum = 0.7 ** torch.arange(64, dtype=F64)
+    matrices = u @ torch.diag_embed(spectrum.expand(8, 64)) @ v.transpose(1, 2)
+    for rank in (1, 4, 8):
+        uu, s, vh = randomized_svd(matrices, rank, generator=torch.Generator().manual_seed(1))
+        err = (matrices - uu @ torch.diag_embed(s) @ vh).norm(dim=(1, 2)) / matrices.norm(dim=(1, 2))
+        sv = torch.linalg.svdvals(matrices)
+        optimal = sv[:, rank:].norm(dim=1) / sv.norm(dim=1)
+        assert torch.allclose(err, optimal, rtol=1e-2), (rank, err, optimal)
+
+
+def test_lowrank_table_records_the_optimal_dropped_error():
+    model, x, y = _problem()
+    engine = PerExampleGradients(model)
+    table = GradientTable(model, N, policy="lowrank", rank=1)
+    idx = torch.arange(10)
+    grads = _grads(model, engine, x, y, idx)
+    table.update(idx, grads)
+    dense = grads["3.weight"].dense()
+    sv = torch.linalg.svdvals(dense)
+    optimal = sv[:, 1:].norm(dim=1) / sv.norm(dim=1)
+    torch.testing.assert_close(table.lowrank_error["3.weight"], optimal, rtol=1e-2, atol=1e-12)
+
+
+def test_partition_blocks_are_disjoint_cover_the_data_and_are_stable():
+    p = Partition(103, 10, seed=3)
+    members = torch.cat(p.blocks)
+    assert sorted(members.tolist()) == list(range(103))  # cover, and disjoint (no repeats)
+    assert [len(b) for b in p.blocks] == [10] * 10 + [3]
+    assert all(torch.equal(a, b) for a, b in zip(p.blocks, Partition(103, 10, seed=3).blocks))
+    assert not all(torch.equal(a, b) for a, b in zip(p.blocks, Partition(103, 10, seed=4).blocks))
+    for j, block in enumerate(p.blocks):
+        assert (p.block_of[block] == j).all()
+
+
+def test_block_sampler_batches_are_unions_of_whole_blocks():
+    sampler = BlockSampler(50, 4, blocks_per_batch=3, seed=0)
+    seen = []
+    for batch in sampler:
+        rows = sampler.partition.rows(torch.tensor(batch))  # raises unless whole blocks
+        assert 1 <= len(rows) <= 3
+        seen += batch
+    assert sorted(seen) == list(range(50))  # an epoch visits every example once
+    assert list(sampler) != list(sampler)  # epochs differ ...
+    assert list(BlockSampler(50, 4, 3, seed=0)) == list(BlockSampler(50, 4, 3, seed=0))  # ... reproducibly
+
+
+def test_uniform_sampler_and_indexed_dataset():
+    sampler = UniformIndexSampler(10, 4, seed=0)
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(sum(batches, [])) == list(range(10))
+    assert len(list(UniformIndexSampler(10, 4, seed=0, drop_last=True))) == 2
+    data = IndexedDataset(torch.utils.data.TensorDataset(torch.arange(10.0) * 2, torch.arange(10)))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=UniformIndexSampler(10, 4, seed=1))
+    for idx, xs, ys in loader:
+        assert torch.equal(xs, idx.double() * 2) or torch.equal(xs, idx.float() * 2)
+        assert torch.equal(ys, idx)
+    with pytest.raises(ValueError, match="batch_size"):
+        UniformIndexSampler(3, 4)
+
+
+@pytest.mark.parametrize("config", [dict(policy="dense"), dict(policy="factored"), dict(policy="auto"),
+                                    dict(policy="lowrank", rank=2), dict(policy="dense", block_size=4),
+                                    dict(policy="lowrank", rank=1, block_size=4)])
+def test_planner_equals_the_bytes_of_an_allocated_table(config):
+    model, x, y = _problem(torch.float32)
+    engine = PerExampleGradients(model)
+    table = GradientTable(model, N, **config)
+    idx = next(_batches(table, 1))
+    table.update(idx, _grads(model, engine, x, y, idx))
+    engine.remove()
+    planned = plan(model, x[:1], N, rank=config.get("rank", 1), block_size=config.get("block_size", 128))
+    strategy = {
+        ("dense", False): "naive", ("factored", False): "factored", ("auto", False): "auto",
+        ("lowrank", False): "rank", ("dense", True): "partition", ("lowrank", True): "rank+partition",
+    }[(config["policy"], "block_size" in config)]
+    assert abs(planned.total[strategy] - table.nbytes) <= 0.01 * table.nbytes, (planned.total, table.nbytes)
+
+
+def test_auto_table_for_the_mlp_is_under_two_percent_of_dense():
+    planned = plan(mlp((784, 512, 512, 10)), torch.randn(1, 784), 60_000)
+    assert planned.total["auto"] <= 0.02 * planned.total["naive"]
+
+
+def test_a_table_too_large_for_memory_is_refused_before_allocation(monkeypatch):
+    model, x, y = _problem(torch.float32)
+    engine = PerExampleGradients(model)
+    monkeypatch.setattr(table_module, "available_bytes", lambda device: 10_000)
+    table = GradientTable(model, N, policy="dense")
+    idx = torch.arange(4)
+    with pytest.raises(TableTooLargeError, match=r"needs .* GB but cpu has .* free\. Cheaper strategies.*"
+                                                 r"policy='lowrank', rank=1"):
+        table.update(idx, _grads(model, engine, x, y, idx))
+    assert table.nbytes == 0 and not table.stores  # nothing was allocated
+
+
+def test_bad_input_is_refused_clearly():
+    model, x, y = _problem()
+    engine = PerExampleGradients(model)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        GradientTable(model, N, policy="svd")
+    with pytest.raises(ValueError, match="needs rank >= 1"):
+        GradientTable(model, N, policy="lowrank")
+    with pytest.raises(ValueError, match="applies to policy='lowrank' only"):
+        GradientTable(model, N, rank=2)
+    with pytest.raises(ValueError, match="floating-point"):
+        GradientTable(model, N, dtype=torch.int8)
+    table = GradientTable(model, N)
+    idx = torch.arange(4)
+    grads = _grads(model, engine, x, y, idx)
+    with pytest.raises(IndexError, match=r"must lie in \[0, 36\)"):
+        table.update(torch.tensor([0, 1, 2, 36]), grads)
+    with pytest.raises(ValueError, match="twice"):
+        table.update(torch.tensor([0, 1, 1, 2]), grads)
+    with pytest.raises(ValueError, match="gradients for 4 examples but 3 indices"):
+        table.update(torch.tensor([0, 1, 2]), grads)
+    blocked = GradientTable(model, N, block_size=4)
+    with pytest.raises(ValueError, match="union of whole blocks"):
+        blocked.update(idx, grads)
+    with pytest.raises(RuntimeError, match="chosen at its first update"):
+        GradientTable(model, N).plan()
