@@ -42,3 +42,27 @@ def test_demo_rejects_a_bad_batch_size():
 def test_module_runs_as_script():
     result = subprocess.run([sys.executable, "-m", "vr_mcmc.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "vr-mcmc" in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "vgg16", "resnet34", "mlp"])
+def test_memory_prints_the_planner_table(arch, capsys):
+    assert main(["memory", "--arch", arch, "--num-data", "50000", "--rank", "2", "--block-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "rank-2+partition-64" in out and "total" in out and "GB" in out
+
+
+def test_memory_mlp_figures_match_the_formulas(capsys):
+    """784-512-512-10, N = 60,000, float32: naive N·P·4 bytes; factored N·Σ(d_in + d_out)·4 + biases."""
+    main(["memory", "--arch", "mlp", "--num-data", "60000"])
+    total = capsys.readouterr().out.splitlines()[-1].split()
+    p = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    factored = (784 + 512) + 512 + (512 + 512) + 512 + (512 + 10) + 10
+    assert float(total[1]) == pytest.approx(60_000 * p * 4 / 1e9, abs=1e-4)
+    assert float(total[2]) == pytest.approx(60_000 * factored * 4 / 1e9, abs=1e-4)
+
+
+def test_memory_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["memory", "--arch", "vgg16", "--num-data", "0"])
+    with pytest.raises(SystemExit):
+        main(["memory", "--arch", "vgg16", "--num-data", "10", "--input", "3xAx32"])

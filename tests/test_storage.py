@@ -144,7 +144,7 @@ def test_block_sampler_batches_are_unions_of_whole_blocks():
 def test_uniform_sampler_and_indexed_dataset():
     sampler = UniformIndexSampler(10, 4, seed=0)
     batches = list(sampler)
-    assert [len(b) for b in batches] == [4, 4, 2] and sorted(sum(batches, [])) == list(range(10))
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(i for b in batches for i in b) == list(range(10))
     assert len(list(UniformIndexSampler(10, 4, seed=0, drop_last=True))) == 2
     data = IndexedDataset(torch.utils.data.TensorDataset(torch.arange(10.0) * 2, torch.arange(10)))
     loader = torch.utils.data.DataLoader(data, batch_sampler=UniformIndexSampler(10, 4, seed=1))

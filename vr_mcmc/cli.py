@@ -59,6 +59,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input takes sizes joined by x, e.g. 3x32x32; got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--input sizes must be positive, got {text!r}")
+    return shape
+
+
+def _memory(args: argparse.Namespace) -> int:
+    """The gradient-table memory of each strategy for an architecture and data size (DESIGN.md §4)."""
+    from .models import ARCHITECTURES
+    from .storage import plan
+
+    build, default_shape = ARCHITECTURES[args.arch]
+    shape = args.input or default_shape
+    model = build(shape, args.num_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    table = plan(model, torch.zeros(1, *shape), args.num_data, rank=args.rank, block_size=args.block_size)
+    print(f"{args.arch}, input {'x'.join(map(str, shape))}, {n_params:,} parameters")
+    print(table.format(per_layer=args.per_layer))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vr-mcmc",
@@ -71,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    memory = sub.add_parser(
+        "memory", help="gradient-table memory of each storage strategy", description=_memory.__doc__
+    )
+    memory.add_argument("--arch", required=True, choices=["lenet5", "vgg16", "resnet34", "mlp"])
+    memory.add_argument("--num-data", type=int, required=True, help="number of examples N")
+    memory.add_argument("--input", type=_shape, default=None, help="input shape, e.g. 3x32x32 (default per arch)")
+    memory.add_argument("--num-classes", type=int, default=10)
+    memory.add_argument("--rank", type=int, default=1, help="rank r of the low-rank columns (default 1)")
+    memory.add_argument("--block-size", type=int, default=128, help="partition block size k (default 128)")
+    memory.add_argument("--per-layer", action="store_true", help="one row per layer, not only the total")
+    memory.set_defaults(func=_memory)
     return parser
 
 
@@ -82,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if getattr(args, "batch_size", 1) < 1:
         parser.error("--batch-size must be at least 1")
+    for flag in ("num_data", "rank", "block_size", "num_classes"):
+        if getattr(args, flag, 1) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args.func(args)
 
 

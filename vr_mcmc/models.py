@@ -8,7 +8,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-__all__ = ["TransformerClassifier", "cnn", "mlp"]
+__all__ = ["ARCHITECTURES", "TransformerClassifier", "cnn", "lenet5", "mlp", "resnet34", "vgg16"]
 
 
 def mlp(sizes: Sequence[int] = (784, 512, 512, 10), activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -59,3 +59,71 @@ class TransformerClassifier(nn.Module):
         h = h + self.attn(z, z, z, need_weights=False)[0]
         h = h + self.ff(self.norm2(h))
         return self.head(h.mean(1))
+
+
+def lenet5(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 (LeCun et al. 1998) for 32×32 inputs: conv 6@5×5, pool, conv 16@5×5, pool, 120-84-classes."""
+    c, h, w = input_shape
+    h, w = (h - 4) // 2, (w - 4) // 2
+    h, w = (h - 4) // 2, (w - 4) // 2
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * h * w, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+    )
+
+
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10) -> nn.Sequential:
+    """VGG16 (Simonyan & Zisserman 2015), CIFAR variant: 13 3×3 convs with BatchNorm, 512-classes head."""
+    c, h, w = input_shape
+    layers: list[nn.Module] = []
+    for v in _VGG16:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+            c = v
+    layers += [nn.Flatten(), nn.Linear(c * h * w, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet34(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10) -> nn.Sequential:
+    """ResNet34 (He et al. 2016), CIFAR variant: 3×3 stem, stages of 3-4-6-3 basic blocks, 512-classes head."""
+    c = input_shape[0]
+    layers: list[nn.Module] = [nn.Conv2d(c, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    c_in = 64
+    for c_out, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            layers.append(_BasicBlock(c_in, c_out, stride if b == 0 else 1))
+            c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# name -> (builder(input_shape, num_classes), default input shape)
+ARCHITECTURES = {
+    "lenet5": (lambda shape, k: lenet5(shape, k), (3, 32, 32)),
+    "vgg16": (lambda shape, k: vgg16(shape, k), (3, 32, 32)),
+    "resnet34": (lambda shape, k: resnet34(shape, k), (3, 32, 32)),
+    "mlp": (lambda shape, k: mlp((int(torch.tensor(shape).prod()), 512, 512, k)), (784,)),
+}
