@@ -215,3 +215,23 @@ def test_bad_input_is_refused_clearly():
         blocked.update(idx, grads)
     with pytest.raises(RuntimeError, match="chosen at its first update"):
         GradientTable(model, N).plan()
+
+
+def test_sum_rows_reuse_survives_in_place_changes_and_sums_shortcut_keeps_the_invariant():
+    """update() reuses the preceding sum_rows of the same batch, unless the caller modified it in place;
+    with sums= (Σ_i g_i from the caller) a lossless table stays consistent."""
+    model, x, y = _problem()
+    engine = PerExampleGradients(model)
+    table = GradientTable(model, N, policy="factored")
+    every = torch.arange(N)
+    for step, idx in enumerate(_batches(table, 8)):
+        grads = _grads(model, engine, x, y, idx)
+        old = table.sum_rows(idx)
+        if step % 2:
+            for t in old.values():
+                t.mul_(0)  # a careless caller: the table must not trust this value any more
+        sums = {n: p.grad * len(idx) for n, p in model.named_parameters()}
+        table.update(idx, grads, sums)
+        stored = table.sum_rows(every)
+        for name, total in table.total.items():
+            assert (total - stored[name]).norm() <= 1e-12 * max(float(stored[name].norm()), 1e-300), name

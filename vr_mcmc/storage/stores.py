@@ -2,9 +2,9 @@
 
 A store keeps R rows (one per example, or per partition block) of one parameter's gradient.
 ``write(rows, rep)`` replaces those rows with the representation's per-example gradients and
-returns the exact change of the sum of the stored rows, computed from what was *stored* (after
-compression and rounding to the storage dtype), in the compute dtype: this is what keeps a
-table's ``total`` equal to the sum of its rows (DESIGN.md §2, the SAGA invariant).
+returns the sums of the new and of the old stored rows, computed from what was *stored* (after
+compression and rounding to the storage dtype), in the compute dtype: adding their difference
+is what keeps a table's ``total`` equal to the sum of its rows (DESIGN.md §2, the SAGA invariant).
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ class Store:
     def __init__(self, shape: torch.Size, compute_dtype: torch.dtype):
         self.shape = torch.Size(shape)
         self.compute_dtype = compute_dtype
+        # (rows, their sum, the sum's version) since the last write
+        self._cached: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    @property
+    def lossless(self) -> bool:
+        """Whether a row is stored exactly as given (no compression, no rounding to a lower dtype)."""
+        return self.kind != "lowrank" and all(t.dtype == self.compute_dtype or not t.is_floating_point()
+                                              for t in self._tensors())
 
     @property
     def nbytes(self) -> int:
@@ -46,13 +54,31 @@ class Store:
         raise NotImplementedError
 
     def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.rows_rep(rows).sum()
+        total = self.rows_rep(rows).sum()
+        # SAGA asks for Σ of a batch's old rows, then overwrites those rows: keep the sum for write()
+        # (its version counter tells if the caller modified it in place since).
+        self._cached = (rows.clone(), total, total._version)
+        return total
 
-    def write(self, rows: torch.Tensor, rep: PerExampleGradient) -> torch.Tensor:
-        """Store ``rep``'s gradients in ``rows``; returns Σ(new stored) − Σ(old stored) over them."""
-        old = self.sum_rows(rows)
+    def write(
+        self, rows: torch.Tensor, rep: PerExampleGradient, new_sum: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``rep``'s gradients in ``rows``; returns (Σ new stored, Σ old stored) over them.
+
+        ``new_sum``, Σ of ``rep``'s gradients if the caller has it, replaces recomputing Σ of the
+        new rows when they are stored exactly (a lossless store).
+        """
+        cached = self._cached
+        if (cached is not None and cached[1]._version == cached[2] and cached[0].shape == rows.shape
+                and torch.equal(cached[0], rows)):
+            old = cached[1]
+        else:
+            old = self.rows_rep(rows).sum()
+        self._cached = None
         self._put(rows, rep)
-        return self.sum_rows(rows) - old
+        if new_sum is not None and self.lossless:
+            return new_sum, old
+        return self.rows_rep(rows).sum(), old
 
     def _put(self, rows: torch.Tensor, rep: PerExampleGradient) -> None:
         raise NotImplementedError

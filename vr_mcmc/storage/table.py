@@ -161,8 +161,18 @@ class GradientTable:
         position = torch.searchsorted(rows, self.partition.block_of[idx])
         return rows, position
 
-    def update(self, indices: torch.Tensor, grads: Mapping[str, PerExampleGradient]) -> None:
-        """Replace the rows of a batch with its per-example gradients (``engine.collect()``)."""
+    def update(
+        self,
+        indices: torch.Tensor,
+        grads: Mapping[str, PerExampleGradient],
+        sums: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Replace the rows of a batch with its per-example gradients (``engine.collect()``).
+
+        ``sums``: Σ_i g_i of the batch per parameter, if the caller has it (B·``p.grad`` after a
+        mean loss); lossless stores then skip recomputing the sum of the rows just written.
+        A ``sum_rows`` of the same batch just before ``update`` is reused, not recomputed.
+        """
         missing = set(self.params) - set(grads)
         if missing:
             raise KeyError(f"no gradients given for {sorted(missing)}")
@@ -178,7 +188,8 @@ class GradientTable:
             self._allocate({n: grads[n] for n in self.params})
         rows = rows.to(self.device)
         for n, store in self.stores.items():
-            self._total[n] += store.write(rows, grads[n]).to(self._total[n].dtype)
+            new, old = store.write(rows, grads[n], None if sums is None else sums[n])
+            self._total[n].add_(new.to(self._total[n].dtype)).sub_(old.to(self._total[n].dtype))
 
     def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ of the stored rows of a batch's examples (with partition sampling: of its blocks)."""
