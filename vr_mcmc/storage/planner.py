@@ -5,7 +5,8 @@ Strategies (the columns of the seed paper's Table 1, plus the cheapest exact one
 - ``naive``: one dense gradient per example, N·P numbers;
 - ``factored``: Linear-type layers as factors, N·T·(d_in + d_out); other layers naive;
 - ``auto``: per parameter the cheapest exact layout (factors, embedding lookups or dense);
-- ``rank-r``: rank-r truncated SVD of each example's gradient matrix, N·r·(m + n); vectors naive;
+- ``rank-r``: rank-r truncated SVD of each example's gradient matrix, N·r·(m + n), unless an exact
+  layout is no larger (high ranks, embeddings); vectors naive;
 - ``partition-k``: one dense row per block of k examples, ⌈N/k⌉·P;
 - ``rank-r + partition-k``: rank-r rows per block, ⌈N/k⌉·r·(m + n).
 """
@@ -66,6 +67,13 @@ class RowLayout:
     def is_matrix(self) -> bool:
         return len(self.shape) >= 2
 
+    def lowrank_or_exact(self, num_rows: int, dtype: torch.dtype, rank: int) -> str:
+        """Rank-r rows for weight matrices, unless an exact layout is no larger (high rank, embeddings)."""
+        exact = self.cheapest_exact(num_rows, dtype)
+        if self.is_matrix and self.bytes("lowrank", num_rows, dtype, rank) < self.bytes(exact, num_rows, dtype):
+            return "lowrank"
+        return exact
+
 
 def strategy_bytes(layout: RowLayout, strategy: str, num_data: int, dtype: torch.dtype, rank: int,
                    block_size: int) -> int:
@@ -78,11 +86,12 @@ def strategy_bytes(layout: RowLayout, strategy: str, num_data: int, dtype: torch
     if strategy == "auto":
         return layout.bytes(layout.cheapest_exact(num_data, dtype), num_data, dtype)
     if strategy == "rank":
-        return layout.bytes("lowrank" if layout.is_matrix else "dense", num_data, dtype, rank)
+        return layout.bytes(layout.lowrank_or_exact(num_data, dtype, rank), num_data, dtype, rank)
     if strategy == "partition":
         return layout.bytes("dense", blocks, dtype)
     if strategy == "rank+partition":
-        return layout.bytes("lowrank" if layout.is_matrix else "dense", blocks, dtype, rank)
+        blocked = RowLayout(layout.shape, "dense")  # a block row is a sum: kept dense or low-rank
+        return blocked.bytes(blocked.lowrank_or_exact(blocks, dtype, rank), blocks, dtype, rank)
     raise ValueError(f"unknown strategy {strategy!r}")
 
 

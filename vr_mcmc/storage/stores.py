@@ -56,8 +56,9 @@ class Store:
     def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
         total = self.rows_rep(rows).sum()
         # SAGA asks for Σ of a batch's old rows, then overwrites those rows: keep the sum for write()
-        # (its version counter tells if the caller modified it in place since).
-        self._cached = (rows.clone(), total, total._version)
+        # (its version counter tells if the caller modified it in place since; inference tensors have
+        # no version counter, so those are not kept).
+        self._cached = None if total.is_inference() else (rows.clone(), total, total._version)
         return total
 
     def write(
@@ -104,7 +105,7 @@ class DenseStore(Store):
         return Dense(self.data[rows].to(self.compute_dtype))
 
     def _put(self, rows, rep):
-        self.data[rows] = rep.dense().to(self.data.dtype)
+        self.data[rows] = rep.dense().to(self.data)
 
 
 class FactoredStore(Store):
@@ -138,8 +139,8 @@ class FactoredStore(Store):
                 "(pad sequences to one length) or use policy='dense'"
             )
         # Factored gradients scale their smaller factor; copy both as they are.
-        self.inputs[rows] = rep.inputs.to(self.inputs.dtype)
-        self.grad_outputs[rows] = rep.grad_outputs.to(self.grad_outputs.dtype)
+        self.inputs[rows] = rep.inputs.to(self.inputs)
+        self.grad_outputs[rows] = rep.grad_outputs.to(self.grad_outputs)
 
 
 class SparseStore(Store):
@@ -168,8 +169,8 @@ class SparseStore(Store):
                 f"a sparse table row holds {self.indices.shape[1]} lookups; got {rep!r}. Keep the number of "
                 "lookups per example fixed or use policy='dense'"
             )
-        self.indices[rows] = rep.indices
-        self.values[rows] = rep.values.to(self.values.dtype)
+        self.indices[rows] = rep.indices.to(self.indices.device)
+        self.values[rows] = rep.values.to(self.values)
 
 
 class LowRankStore(Store):
@@ -208,7 +209,8 @@ class LowRankStore(Store):
         step = max(1, _CHUNK_ELEMENTS // max(1, self.m * self.n))
         errors = []
         for s in range(0, b, step):
-            matrices = rep.index(slice(s, s + step)).dense().reshape(-1, self.m, self.n).to(self.compute_dtype)
+            chunk = rep.index(slice(s, s + step)).dense()
+            matrices = chunk.reshape(-1, self.m, self.n).to(self.left.device, self.compute_dtype)
             u, sv, vh = randomized_svd(matrices, self.rank, generator=self.generator)
             self.left[rows[s : s + step]] = (u * sv.unsqueeze(1)).to(self.left.dtype)
             self.right[rows[s : s + step]] = vh.to(self.right.dtype)

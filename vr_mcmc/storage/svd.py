@@ -20,8 +20,9 @@ def _gram_svd(matrices: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     """
     wide = matrices.shape[1] <= matrices.shape[2]
     m = matrices if wide else matrices.transpose(1, 2)
-    # Eigenvalues in float64 at no real cost: the Gram matrix is small.
-    _, vectors = torch.linalg.eigh((m @ m.transpose(1, 2)).double())
+    # The Gram matrix squares the condition number: form and decompose it in float64.
+    m64 = m.double()
+    _, vectors = torch.linalg.eigh(m64 @ m64.transpose(1, 2))
     u = vectors[..., -r:].flip(-1).to(matrices.dtype)  # [B, small, r], largest first
     projected = u.transpose(1, 2) @ m  # [B, r, large] = S Vᵀ
     s = torch.linalg.vector_norm(projected, dim=2).clamp_min(torch.finfo(matrices.dtype).tiny)

@@ -16,6 +16,7 @@ from .stores import DenseStore, FactoredStore, LowRankStore, SparseStore, Store
 __all__ = ["GradientTable", "TableTooLargeError"]
 
 POLICIES = ("auto", "dense", "factored", "lowrank")
+_RECOMPUTE_ELEMENTS = 1 << 26  # bound on the elements of the rows recomputed at once
 
 
 class TableTooLargeError(MemoryError):
@@ -35,7 +36,8 @@ class GradientTable:
     - ``"auto"``: per parameter, the cheapest exact layout (factors, embedding lookups or dense).
 
     ``dtype`` is the storage dtype (e.g. float16/bfloat16); ``total`` accumulates in the
-    parameters' dtype. The invariant, kept exactly up to the rounding of that accumulation:
+    parameters' dtype, or float32 for lower-precision parameters. The invariant, kept exactly up
+    to the rounding of that accumulation:
     after every ``update``, ``total`` equals the sum of the rows as actually stored (after
     compression and rounding), so SAGA's estimate stays unbiased. A table larger than the free
     memory of its device is refused before allocation (`TableTooLargeError`, listing cheaper
@@ -63,7 +65,10 @@ class GradientTable:
         elif isinstance(params_or_model, Mapping):
             params = dict(params_or_model)
         else:
-            params = {str(i): p for i, p in enumerate(params_or_model)}
+            raise TypeError(
+                "GradientTable takes the model or a dict {name: parameter} with the names engine.collect() "
+                "uses (e.g. dict(model.named_parameters())), not an unnamed iterable of parameters"
+            )
         if not params:
             raise ValueError("GradientTable needs at least one trainable parameter")
         if not isinstance(num_data, int) or num_data < 1:
@@ -76,6 +81,8 @@ class GradientTable:
             raise ValueError(f"rank={rank} applies to policy='lowrank' only (got policy={policy!r})")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"the storage dtype must be a floating-point dtype, got {dtype}")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
         self.params = params
         self.num_data = num_data
         self.policy = policy
@@ -87,7 +94,11 @@ class GradientTable:
         self.device = torch.device(device) if device is not None else next(iter(params.values())).device
         self.seed = seed
         self.stores: dict[str, Store] = {}
-        self._total = {n: torch.zeros(p.shape, dtype=p.dtype, device=self.device) for n, p in params.items()}
+        # total accumulates in at least float32: bfloat16 sums of many updates would drift.
+        self._total = {
+            n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=self.device)
+            for n, p in params.items()
+        }
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -98,7 +109,7 @@ class GradientTable:
         if self.policy == "factored":
             return "factored" if layout.kind == "factored" else "dense"
         if self.policy == "lowrank":
-            return "lowrank" if layout.is_matrix else "dense"
+            return layout.lowrank_or_exact(self.num_rows, dtype, self.rank)
         return layout.cheapest_exact(self.num_rows, dtype)
 
     def _dtype(self, name: str) -> torch.dtype:
@@ -112,21 +123,24 @@ class GradientTable:
         if need > free:
             raise TableTooLargeError(self._too_large_message(need, free, layouts))
         for n, lay in layouts.items():
-            p, dtype, rows = self.params[n], self._dtype(n), self.num_rows
+            dtype, rows = self._dtype(n), self.num_rows
+            compute = self._total[n].dtype  # sums of rows in the accumulation dtype (>= float32)
             kind = chosen[n]
             if kind == "factored":
                 store: Store = FactoredStore(rows, lay.shape, lay.groups, lay.positions, lay.d_in, lay.d_out, dtype,
-                                             self.device, p.dtype)
+                                             self.device, compute)
             elif kind == "sparse":
-                store = SparseStore(rows, lay.shape, lay.lookups, dtype, self.device, p.dtype)
+                store = SparseStore(rows, lay.shape, lay.lookups, dtype, self.device, compute)
             elif kind == "lowrank":
-                store = LowRankStore(rows, lay.shape, self.rank, dtype, self.device, p.dtype, seed=self.seed)
+                store = LowRankStore(rows, lay.shape, self.rank, dtype, self.device, compute, seed=self.seed)
             else:
-                store = DenseStore(rows, lay.shape, dtype, self.device, p.dtype)
+                store = DenseStore(rows, lay.shape, dtype, self.device, compute)
             self.stores[n] = store
 
     def _too_large_message(self, need: int, free: int, layouts: Mapping[str, RowLayout]) -> str:
-        def total(strategy: str, rank: int = 1, k: int = 128) -> int:
+        k_default = min(128, self.num_data)
+
+        def total(strategy: str, rank: int = 1, k: int = k_default) -> int:
             return sum(strategy_bytes(lay, strategy, self.num_data, self._dtype(n), rank, k)
                        for n, lay in layouts.items())
 
@@ -136,8 +150,8 @@ class GradientTable:
             ("policy='auto'", total("auto")),
             ("policy='lowrank', rank=1", total("rank", 1)),
             ("policy='lowrank', rank=4", total("rank", 4)),
-            ("block_size=128", total("partition", 1, 128)),
-            ("policy='lowrank', rank=1, block_size=128", total("rank+partition", 1, 128)),
+            (f"block_size={k_default}", total("partition")),
+            (f"policy='lowrank', rank=1, block_size={k_default}", total("rank+partition")),
         ]
         cheaper = "; ".join(f"{what}: {b / 1e9:.3g} GB" for what, b in options if b < need)
         return (
@@ -150,7 +164,10 @@ class GradientTable:
 
     def _rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows touched by a batch and, with partition sampling, each example's position among them."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise TypeError(f"indices must be integer example indices, got dtype {idx.dtype}")
+        idx = idx.to(torch.long).reshape(-1).cpu()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
             raise IndexError(f"example indices must lie in [0, {self.num_data}); got {idx.min()}..{idx.max()}")
         if idx.unique().numel() != idx.numel():
@@ -170,7 +187,8 @@ class GradientTable:
         """Replace the rows of a batch with its per-example gradients (``engine.collect()``).
 
         ``sums``: Σ_i g_i of the batch per parameter, if the caller has it (B·``p.grad`` after a
-        mean loss); lossless stores then skip recomputing the sum of the rows just written.
+        mean loss); lossless stores then skip recomputing the sum of the rows just written. A
+        missing or None entry counts as not given.
         A ``sum_rows`` of the same batch just before ``update`` is reused, not recomputed.
         """
         missing = set(self.params) - set(grads)
@@ -178,18 +196,32 @@ class GradientTable:
             raise KeyError(f"no gradients given for {sorted(missing)}")
         rows, position = self._rows(indices)
         b = len(torch.as_tensor(indices).reshape(-1))
-        for n in self.params:
+        for n, p in self.params.items():
             if grads[n].batch_size != b:
                 raise ValueError(f"'{n}' has gradients for {grads[n].batch_size} examples but {b} indices were given")
+            if grads[n].shape != p.shape:
+                raise ValueError(
+                    f"'{n}' has gradients of shape {tuple(grads[n].shape)}, the parameter {tuple(p.shape)}"
+                )
         if position is not None:
-            position = position.to(self.device)
-            grads = {n: merge_examples(grads[n], position, rows.numel(), self.block_size) for n in self.params}
+            grads = {
+                n: merge_examples(grads[n], position.to(grads[n].device), rows.numel(), self.block_size)
+                for n in self.params
+            }
         if not self.stores:
             self._allocate({n: grads[n] for n in self.params})
         rows = rows.to(self.device)
         for n, store in self.stores.items():
-            new, old = store.write(rows, grads[n], None if sums is None else sums[n])
-            self._total[n].add_(new.to(self._total[n].dtype)).sub_(old.to(self._total[n].dtype))
+            given = None if sums is None else sums.get(n)
+            new, old = store.write(rows, grads[n], None if given is None else given.to(self.device))
+            total = self._total[n]
+            delta = new.to(total.dtype) - old.to(total.dtype)  # before touching total: old may alias it
+            if bool(torch.isfinite(delta).all()):
+                total.add_(delta)
+            else:
+                # A non-finite row (an overflow in a low storage dtype, a diverging step) would leave
+                # total at inf/NaN for good; recompute it from the rows as stored instead.
+                self._recompute(n)
 
     def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ of the stored rows of a batch's examples (with partition sampling: of its blocks)."""
@@ -206,10 +238,16 @@ class GradientTable:
 
     def recompute_total(self) -> None:
         """Recompute ``total`` from the stored rows (clears the rounding of many incremental updates)."""
-        if self.stores:
-            every = torch.arange(self.num_rows, device=self.device)
-            for n, store in self.stores.items():
-                self._total[n] = store.sum_rows(every).to(self._total[n].dtype)
+        for n in self.stores:
+            self._recompute(n)
+
+    def _recompute(self, name: str) -> None:
+        store, total = self.stores[name], self._total[name]
+        total.zero_()
+        step = max(1, _RECOMPUTE_ELEMENTS // max(1, total.numel()))
+        for s in range(0, self.num_rows, step):  # in chunks: the table may be close to free memory
+            rows = torch.arange(s, min(s + step, self.num_rows), device=self.device)
+            total.add_(store.rows_rep(rows).sum().to(total.dtype))
 
     @property
     def nbytes(self) -> int:
