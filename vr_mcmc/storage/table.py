@@ -211,16 +211,21 @@ class GradientTable:
         if not self.stores:
             self._allocate({n: grads[n] for n in self.params})
         rows = rows.to(self.device)
+        checks = []
         for n, store in self.stores.items():
             given = None if sums is None else sums.get(n)
             new, old = store.write(rows, grads[n], None if given is None else given.to(self.device))
             total = self._total[n]
-            delta = new.to(total.dtype) - old.to(total.dtype)  # before touching total: old may alias it
-            if bool(torch.isfinite(delta).all()):
-                total.add_(delta)
-            else:
-                # A non-finite row (an overflow in a low storage dtype, a diverging step) would leave
-                # total at inf/NaN for good; recompute it from the rows as stored instead.
+            storage = total.untyped_storage().data_ptr()
+            # In place, without temporaries; a sum that is the total itself must be copied first.
+            new, old = (t.clone() if t.untyped_storage().data_ptr() == storage else t for t in (new, old))
+            total.add_(new.to(total.dtype)).sub_(old.to(total.dtype))
+            checks.append(total.sum())
+        # A non-finite row (an overflow in a low storage dtype, a diverging step) would leave a total
+        # at inf/NaN for good: recompute such totals from the rows as stored (one host sync here).
+        finite = torch.isfinite(torch.stack(checks)).tolist()
+        for n, ok in zip(self.stores, finite):
+            if not ok:
                 self._recompute(n)
 
     def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
