@@ -382,3 +382,22 @@ def test_more_bad_input():
     with pytest.raises(ValueError, match="shape"):
         table.update(idx, wrong)
     assert not table.stores  # nothing allocated by the refused update
+
+
+@pytest.mark.parametrize("config", [dict(policy="auto"), dict(policy="lowrank", rank=2, block_size=4),
+                                    dict(policy="dense", dtype=torch.float16)])
+def test_state_dict_round_trip(config, tmp_path):
+    model, x, y = _problem()
+    engine = PerExampleGradients(model)
+    table = GradientTable(model, N, **config)
+    for idx in _batches(table, 4):
+        table.update(idx, _grads(model, engine, x, y, idx))
+    torch.save(table.state_dict(), tmp_path / "table.pt")
+    restored = GradientTable(model, N, **config)
+    restored.load_state_dict(torch.load(tmp_path / "table.pt", weights_only=False))
+    every = torch.arange(N)
+    for n, t in table.sum_rows(every).items():
+        assert torch.equal(restored.sum_rows(every)[n], t) and torch.equal(restored.total[n], table.total[n])
+    assert restored.nbytes == table.nbytes
+    with pytest.raises(ValueError, match="built with"):
+        GradientTable(model, N, policy="dense").load_state_dict(table.state_dict())

@@ -49,6 +49,10 @@ class Store:
     def _tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the rows (saved and restored in place by the table's state dict)."""
+        return self._tensors()
+
     def rows_rep(self, rows: torch.Tensor) -> PerExampleGradient:
         """The stored rows as a representation in the compute dtype."""
         raise NotImplementedError

@@ -94,6 +94,7 @@ class GradientTable:
         self.device = torch.device(device) if device is not None else next(iter(params.values())).device
         self.seed = seed
         self.stores: dict[str, Store] = {}
+        self.layouts: dict[str, RowLayout] = {}
         # total accumulates in at least float32: bfloat16 sums of many updates would drift.
         self._total = {
             n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=self.device)
@@ -116,7 +117,9 @@ class GradientTable:
         return self.storage_dtype or self.params[name].dtype
 
     def _allocate(self, reps: Mapping[str, PerExampleGradient]) -> None:
-        layouts = {n: RowLayout.of(rep) for n, rep in reps.items()}
+        self._allocate_layouts({n: RowLayout.of(rep) for n, rep in reps.items()})
+
+    def _allocate_layouts(self, layouts: Mapping[str, RowLayout]) -> None:
         chosen = {n: self._layout_for(n, lay) for n, lay in layouts.items()}
         need = sum(layouts[n].bytes(chosen[n], self.num_rows, self._dtype(n), self.rank or 1) for n in layouts)
         free = available_bytes(self.device)
@@ -136,6 +139,7 @@ class GradientTable:
             else:
                 store = DenseStore(rows, lay.shape, dtype, self.device, compute)
             self.stores[n] = store
+        self.layouts = dict(layouts)
 
     def _too_large_message(self, need: int, free: int, layouts: Mapping[str, RowLayout]) -> str:
         k_default = min(128, self.num_data)
@@ -267,6 +271,32 @@ class GradientTable:
                 "vr_mcmc.storage.plan(model, example_input, num_data) to see the bytes of each strategy"
             )
         return {n: (s.kind, s.nbytes) for n, s in self.stores.items()}
+
+    def state_dict(self) -> dict:
+        """Everything needed to restore the table: configuration, row layouts, rows and totals."""
+        return {
+            "config": dict(num_data=self.num_data, policy=self.policy, rank=self.rank, block_size=self.block_size,
+                           seed=self.seed, dtype=self.storage_dtype),
+            "layouts": {n: vars(lay).copy() for n, lay in self.layouts.items()},
+            "rows": {n: [t.clone() for t in s.state_tensors()] for n, s in self.stores.items()},
+            "total": {n: t.clone() for n, t in self._total.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a table saved by `state_dict` into one built with the same configuration."""
+        mine = dict(num_data=self.num_data, policy=self.policy, rank=self.rank, block_size=self.block_size,
+                    seed=self.seed, dtype=self.storage_dtype)
+        if dict(state["config"]) != mine:
+            raise ValueError(f"the saved table was built with {dict(state['config'])}, this one with {mine}")
+        if set(state["total"]) != set(self._total):
+            raise ValueError("the saved table holds other parameters than this one")
+        if not self.stores and state["layouts"]:
+            self._allocate_layouts({n: RowLayout(**lay) for n, lay in state["layouts"].items()})
+        for n, tensors in state["rows"].items():
+            for mine_t, saved in zip(self.stores[n].state_tensors(), tensors):
+                mine_t.copy_(saved)
+        for n, t in state["total"].items():
+            self._total[n].copy_(t)
 
     @property
     def lowrank_error(self) -> dict[str, torch.Tensor]:
