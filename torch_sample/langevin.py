@@ -1,0 +1,249 @@
+"""The stochastic-gradient Langevin diffusion that SGLD, SAGA-LD, SVRG-LD and SGLD-CV share.
+
+A sampler is this diffusion × a gradient estimator (`vr_mcmc.estimators`). Math (DESIGN.md §2):
+target π(θ) ∝ exp(−U(θ)/T), U(θ) = −log p(θ) − Σ_i log p(y_i | x_i, θ); with v the estimator's
+estimate of the data term and h = ``lr``,
+
+    θ ← θ − h·(v + ∇(−log p(θ))) + √(2hT)·ξ,   ξ ~ N(0, I).
+
+``temperature=0`` is the corresponding optimizer (SGD, SAGA, SVRG). With ``momentum=μ`` the
+update is torch.optim.SGD's heavy ball, b ← μ·b + ∇Ũ, θ ← θ − h·b, and for T > 0 the noise
+enters the velocity with variance 2(1−μ)hT: stochastic-gradient HMC (Chen et al. 2014, eq. 15,
+friction 1−μ). ``nesterov=True`` (optimization only) is torch.optim.SGD's Nesterov step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from vr_mcmc.estimators import Estimator, Minibatch
+from vr_mcmc.estimators.base import grad_or_zeros
+
+from .priors import Prior, prior_from_dict
+
+__all__ = ["LangevinSampler", "langevin_update"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+def langevin_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    *,
+    lr: float,
+    temperature: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    generator: torch.Generator | None = None,
+) -> None:
+    """One step of the (possibly underdamped) Langevin update, in place; ``grads`` hold ∇Ũ."""
+    noise_scale = math.sqrt(2.0 * lr * temperature * (1.0 - momentum)) if temperature > 0 else 0.0
+    for p, g, buf in zip(params, grads, momentum_buffers):
+        noise = None
+        if noise_scale:
+            if generator is None:
+                noise = torch.randn_like(p)
+            else:
+                noise = torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+        if momentum:
+            buf.mul_(momentum).add_(g)
+            if noise is not None:  # velocity u = −h·b gets √(2(1−μ)hT)·ξ
+                buf.add_(noise, alpha=-noise_scale / lr)
+            d = g.add(buf, alpha=momentum) if nesterov else buf
+            p.add_(d, alpha=-lr)
+        else:
+            p.add_(g, alpha=-lr)
+            if noise is not None:
+                p.add_(noise, alpha=noise_scale)
+
+
+def _check_number(name: str, value: Any, low: float, *, strict: bool, high: float | None = None) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (value <= low) if strict else (value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name} must be < {high}, got {value!r}")
+    return float(value)
+
+
+class LangevinSampler(Optimizer):
+    """Base of the stochastic-gradient Langevin samplers (a `torch.optim.Optimizer`).
+
+    Param-group options: ``lr`` (step size h > 0), ``prior`` (a `torch_sample.priors.Prior` or
+    None for none / folded into the loss), ``temperature`` (T ≥ 0), ``momentum`` (0 ≤ μ < 1),
+    ``nesterov``. ``num_data`` is N, the data set's size; the loss backpropagated before each
+    step is the minibatch *mean* NLL (``loss_reduction="sum"``: the batch sum).
+
+    ``step(closure=None, *, indices=None, loss=None)``: ``closure`` (optional, as for
+    torch.optim.LBFGS) zeroes the gradients, computes the batch loss, backpropagates and returns
+    it; it is called once at θ before the estimate (some estimators call it again elsewhere).
+    ``indices`` are the batch's example indices (required by table-based estimators, and used
+    to count gradient evaluations). ``loss``: the batch loss, for ``lp`` when there is no closure.
+
+    After each step ``stats`` holds ``step_size``, ``grad_evals`` (per-example gradients computed
+    this step; NaN when the batch size is unknown), ``lp`` (the minibatch estimate of log π up to
+    a constant, −(N·loss + (−log p(θ))), when the loss is known) and estimator-specific entries.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        num_data: int,
+        estimator: Estimator | None = None,
+        *,
+        prior: Prior | None = None,
+        temperature: float = 1.0,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        loss_reduction: str = "mean",
+        engine: Any = None,
+        generator: torch.Generator | None = None,
+    ):
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"num_data must be the number of examples in the data set (an integer >= 1), "
+                             f"got {num_data!r}")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.num_data = num_data
+        self.loss_reduction = loss_reduction
+        self.generator = generator
+        defaults = dict(lr=lr, prior=prior, temperature=temperature, momentum=momentum, nesterov=nesterov)
+        super().__init__(params, defaults)
+        self.estimator = estimator if estimator is not None else Minibatch()
+        if engine is not None:
+            if not hasattr(self.estimator, "engine"):
+                raise ValueError(f"engine= is used by table estimators (SAGA, SAG), not by {self.estimator!r}")
+            self.estimator.engine = engine
+        if not self.estimator.unbiased and any(g["temperature"] > 0 for g in self.param_groups):
+            raise ValueError(f"{self.estimator!r} is biased and fit for optimization only: use temperature=0, or "
+                             "an unbiased estimator (SAGA, SVRG, ControlVariate) for sampling")
+        self.estimator.bind(self._trainable(), num_data, loss_reduction)
+        self.stats: dict[str, float] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = {**self.defaults, **param_group}
+        _check_number("lr (the step size)", group["lr"], 0.0, strict=True)
+        _check_number("temperature", group["temperature"], 0.0, strict=False)
+        _check_number("momentum", group["momentum"], 0.0, strict=False, high=1.0)
+        prior = group["prior"]
+        if prior is not None and not isinstance(prior, Prior):
+            raise TypeError(f"prior must be a torch_sample.priors.Prior (Normal, Laplace, Flat) or None, got {prior!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["temperature"] > 0):
+            raise ValueError("nesterov=True needs momentum > 0 and temperature=0 (Nesterov's step is an optimizer's "
+                             "acceleration; for sampling use momentum= alone, i.e. SGHMC)")
+        super().add_param_group(param_group)
+        if hasattr(self, "estimator"):  # a group added after construction
+            self.estimator.bind(self._trainable(), self.num_data, self.loss_reduction)
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _check_indices(self, indices: Any) -> torch.Tensor | None:
+        if indices is None:
+            if self.estimator.needs_indices:
+                raise ValueError(f"{type(self).__name__}.step needs the batch's example indices: step(indices=idx), "
+                                 "with idx from a vr_mcmc.data.IndexedDataset")
+            return None
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise TypeError(f"indices must be integer example indices, got dtype {idx.dtype}")
+        idx = idx.reshape(-1).to(torch.long)
+        if idx.numel() > self.num_data:
+            raise ValueError(f"the batch has {idx.numel()} examples but num_data={self.num_data}: num_data must be "
+                             "the size of the whole data set")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
+            raise IndexError(
+                f"example indices must lie in [0, {self.num_data}), got {int(idx.min())}..{int(idx.max())}"
+            )
+        return idx
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, indices: Any = None, loss: Any = None) -> Any:
+        idx = self._check_indices(indices)
+        if self.estimator.needs_closure and closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs the closure (it re-evaluates the batch's loss at the "
+                             "estimator's centre): step(closure, indices=idx)")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        info = self.estimator.estimate(idx, closure)
+        neg_log_prior = 0.0
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            prior = group["prior"]
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                g = grad_or_zeros(p)
+                if prior is not None:
+                    prior.add_grad_(p, g)
+                    if loss is not None:
+                        neg_log_prior -= float(prior.log_prob(p))
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(state["momentum_buffer"])
+                else:
+                    bufs.append(None)
+                params.append(p)
+                grads.append(g)
+            langevin_update(params, grads, bufs, lr=group["lr"], temperature=group["temperature"],
+                            momentum=group["momentum"], nesterov=group["nesterov"], generator=self.generator)
+        evals = info.pop("grad_evals", None)
+        self.stats = {"step_size": float(self.param_groups[0]["lr"]),
+                      "grad_evals": float("nan") if evals is None else float(evals)}
+        if loss is not None:
+            b = None if idx is None else idx.numel()
+            nll = float(loss) * (self.num_data if self.loss_reduction == "mean" else self.num_data / (b or math.nan))
+            self.stats["lp"] = -(nll + neg_log_prior)
+        self.stats.update({k: float(v) for k, v in info.items()})
+        return loss
+
+    def initialize(self, loader: Iterable, loss_fn: Callable[..., torch.Tensor]) -> None:
+        """Fill the estimator's table by one pass over ``loader`` (SAGA/SAG only)."""
+        if not hasattr(self.estimator, "initialize"):
+            raise TypeError(f"{self.estimator!r} has nothing to initialize")
+        self.estimator.initialize(loader, loss_fn)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for g in state["param_groups"]:
+            if g["prior"] is not None:
+                g["prior"] = g["prior"].to_dict()
+        state["estimator"] = self.estimator.state_dict()
+        state["generator"] = None if self.generator is None else self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        estimator = state_dict.pop("estimator", None)
+        generator = state_dict.pop("generator", None)
+        state_dict["param_groups"] = [
+            {**g, "prior": prior_from_dict(g["prior"]) if isinstance(g.get("prior"), dict) else g.get("prior")}
+            for g in state_dict["param_groups"]
+        ]
+        super().load_state_dict(state_dict)
+        if estimator is not None:
+            self.estimator.load_state_dict(estimator)
+        if generator is not None:
+            if self.generator is None:
+                warnings.warn("the saved sampler had a generator= but this one has none: its noise will differ",
+                              stacklevel=2)
+            else:
+                self.generator.set_state(generator)

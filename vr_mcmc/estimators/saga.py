@@ -1,0 +1,176 @@
+"""SAGA and SAG: estimates from a table of one stored gradient per example (or per block)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from ..per_example import PerExampleGradients
+from ..storage import GradientTable
+from .base import Estimator, batch_sum, grad_or_zeros
+
+__all__ = ["SAG", "SAGA"]
+
+
+class SAGA(Estimator):
+    """v = Σ_j h_j + (R/b)·Σ_{j∈S}(G_j − h_j), then h_j ← G_j for the rows j of the batch.
+
+    Rows are examples (R = N, b = B, G_j = g_j) or, with a partitioned table, blocks (R blocks,
+    b of them in the batch, G_j the block's summed gradient). Unbiased for any stored values
+    because the table keeps ``total`` equal to the sum of the rows as stored (also when they are
+    compressed). The rows start at zero (the first estimates are then plain minibatch ones) or
+    are filled by one pass, `initialize`.
+
+    ``table``: a `vr_mcmc.storage.GradientTable` built on the engine's model, or None to build
+    one for the sampler's parameters with ``policy``, ``rank``, ``block_size``, ``dtype`` and
+    ``seed`` (see `GradientTable`; ``block_size`` needs batches from a `vr_mcmc.data.BlockSampler`
+    with the same seed).
+
+    Parameters that ``engine`` has no per-example gradients for (not in its model, or not in
+    the table) get the plain minibatch estimate, with a one-time warning.
+    """
+
+    needs_indices = True
+    _row_scale_is_one = False  # SAG: v = the table's total after the update
+
+    def __init__(
+        self,
+        table: GradientTable | None = None,
+        engine: PerExampleGradients | None = None,
+        *,
+        policy: str = "auto",
+        rank: int | None = None,
+        block_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ):
+        if table is not None and not isinstance(table, GradientTable):
+            raise TypeError(f"{type(self).__name__} takes a vr_mcmc.storage.GradientTable, got {type(table).__name__}")
+        self.table = table
+        self.engine = engine
+        # Without a table, one is built at bind() for the sampler's parameters that the engine knows.
+        self._table_options = dict(policy=policy, rank=rank, block_size=block_size, dtype=dtype, seed=seed)
+        self._warned = False
+
+    def bind(self, params, num_data, loss_reduction) -> None:
+        super().bind(params, num_data, loss_reduction)
+        if self.engine is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the per-example engine: pass engine=PerExampleGradients(model) to the "
+                "sampler (built before the first forward pass)"
+            )
+        if self.engine.loss_reduction != loss_reduction:
+            raise ValueError(
+                f"the engine was told loss_reduction={self.engine.loss_reduction!r} but the sampler "
+                f"{loss_reduction!r}: give both the reduction of the loss you backpropagate"
+            )
+        if self.table is None:
+            mine = {id(p) for p in self.params}
+            named = {n: p for n, p in self.engine.parameter_names.items() if id(p) in mine}
+            if not named:
+                raise ValueError("none of the sampler's parameters belongs to the engine's model")
+            self.table = GradientTable(named, num_data, **self._table_options)
+        if self.table.num_data != num_data:
+            raise ValueError(f"the gradient table has {self.table.num_data} examples but num_data={num_data}")
+        names = {id(p): n for n, p in self.engine.parameter_names.items()}
+        self.covered: list[tuple[str, torch.Tensor]] = []
+        self.uncovered: list[torch.Tensor] = []
+        for p in self.params:
+            name = names.get(id(p))
+            if name is not None and name in self.table.params:
+                if self.table.params[name] is not p:
+                    raise ValueError(f"the table's parameter '{name}' is not the sampler's: build the table on the "
+                                     "same model as the engine")
+                self.covered.append((name, p))
+            else:
+                self.uncovered.append(p)
+        if not self.covered:
+            raise ValueError("none of the sampler's parameters belongs to the engine's model and the table")
+        missing = set(self.table.params) - {n for n, _ in self.covered}
+        if missing:
+            raise ValueError(f"the table holds parameters the sampler does not update: {sorted(missing)}")
+
+    def _warn_uncovered(self) -> None:
+        if self.uncovered and not self._warned:
+            self._warned = True
+            shapes = ", ".join(str(tuple(p.shape)) for p in self.uncovered)
+            warnings.warn(
+                f"{len(self.uncovered)} parameter(s) of shape {shapes} have no per-example gradients from the "
+                f"engine (they are not in its model); they get the plain minibatch estimate, not "
+                f"{type(self).__name__}'s variance reduction",
+                stacklevel=4,
+            )
+
+    def estimate(self, indices, closure):
+        b = int(indices.numel())
+        reps = self.engine.collect()
+        old = self.table.sum_rows(indices)
+        if self._row_scale_is_one:
+            scale = 1.0
+        elif self.table.partition is not None:
+            scale = self.table.num_rows / self.table.partition.rows(indices).numel()
+        else:
+            scale = self.num_data / b
+        sums = {}
+        total = self.table.total
+        for name, p in self.covered:
+            g = grad_or_zeros(p)
+            s = batch_sum(g, b, self.loss_reduction)
+            sums[name] = s
+            v = total[name] + (s.to(total[name].dtype) - old[name]) * scale  # before update() moves total
+            g_new = v.to(g.dtype)
+            p.grad = g_new  # s may alias g (sum reduction): keep it intact for update()
+        self._warn_uncovered()
+        minibatch = self._scale(b)
+        for p in self.uncovered:
+            grad_or_zeros(p).mul_(minibatch)
+        self.table.update(indices, reps, sums)
+        return {"grad_evals": b}
+
+    @torch.no_grad()
+    def initialize(self, loader: Iterable, loss_fn: Callable[..., torch.Tensor]) -> None:
+        """Fill every row with one pass: ``loader`` yields ``(idx, *data)`` (e.g. over a
+        `vr_mcmc.data.IndexedDataset`), ``loss_fn(*data)`` returns the batch loss as backpropagated
+        in training. Leaves ``.grad`` of the parameters at None."""
+        seen = torch.zeros(self.num_data, dtype=torch.bool)
+        for batch in loader:
+            idx, *data = batch
+            idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+            for _, p in self.covered:
+                p.grad = None
+            with torch.enable_grad():
+                loss_fn(*data).backward()
+            reps = self.engine.collect()
+            sums = {n: batch_sum(grad_or_zeros(p), idx.numel(), self.loss_reduction) for n, p in self.covered}
+            self.table.update(idx, reps, sums)
+            seen[idx] = True
+        for p in self.params:
+            p.grad = None
+        if not bool(seen.all()):
+            warnings.warn(
+                f"initialize() visited {int(seen.sum())} of the {self.num_data} examples; the other rows stay zero "
+                "(still unbiased, but less variance reduction at first)",
+                stacklevel=2,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"table": self.table.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.table.load_state_dict(state["table"])
+
+    def __repr__(self) -> str:
+        if self.table is None:
+            return f"{type(self).__name__}(policy={self._table_options['policy']!r})"
+        return f"{type(self).__name__}(table={self.table.policy!r}, rows={self.table.num_rows})"
+
+
+class SAG(SAGA):
+    """v = Σ_j h_j after writing the batch's rows: lower variance than SAGA but biased
+    (E[v] ≠ ∇U), so for optimization (``temperature=0``) only."""
+
+    unbiased = False
+    _row_scale_is_one = True
