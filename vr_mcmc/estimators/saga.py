@@ -120,9 +120,9 @@ class SAGA(Estimator):
             g = grad_or_zeros(p)
             s = batch_sum(g, b, self.loss_reduction)
             sums[name] = s
-            v = total[name] + (s.to(total[name].dtype) - old[name]) * scale  # before update() moves total
-            g_new = v.to(g.dtype)
-            p.grad = g_new  # s may alias g (sum reduction): keep it intact for update()
+            # before update() moves total; a new tensor, since s may alias g (sum reduction)
+            v = torch.add(total[name], s.to(total[name].dtype) - old[name], alpha=scale)
+            p.grad = v.to(g.dtype)
         self._warn_uncovered()
         minibatch = self._scale(b)
         for p in self.uncovered:
