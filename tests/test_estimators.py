@@ -212,3 +212,30 @@ def test_sum_reduction_gives_the_same_estimate():
         engine.remove()
     for a, b in zip(out["mean"], out["sum"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_saga_initialize_fills_every_row_with_one_pass():
+    """After initialize(loader, loss_fn) the table's total is Σ_i g_i(θ) (independent backward) and
+    the first SAGA estimate of any batch is the full gradient itself."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vr_mcmc.data import IndexedDataset
+
+    model, x, y = make_problem()
+    engine = PerExampleGradients(model)
+    estimator = SAGA(GradientTable(model, N), engine)
+    estimator.bind(list(model.parameters()), N, "mean")
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    estimator.initialize(loader, lambda xb, yb: F.cross_entropy(model(xb), yb))
+    reference = full_gradient(model, x, y)
+    assert_matches([estimator.table.total[n] for n, _ in model.named_parameters()], reference)
+    assert all(p.grad is None for p in model.parameters())
+    idx = torch.tensor([1, 4, 8])
+    batch_backward(model, x, y, idx)
+    estimator.estimate(idx, None)
+    assert_matches([p.grad for p in model.parameters()], reference)
+    partial = DataLoader(IndexedDataset(TensorDataset(x[:6], y[:6])), batch_size=3)
+    with pytest.warns(UserWarning, match="visited 6 of the 10 examples"):
+        estimator.initialize(partial, lambda xb, yb: F.cross_entropy(model(xb), yb))
+    engine.remove()
