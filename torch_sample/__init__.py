@@ -1,14 +1,21 @@
 """torch_sample: posterior samplers in the style of torch.optim (DESIGN.md §6).
 
 Stochastic-gradient Langevin samplers, each a `torch.optim.Optimizer`: `SGLD`, `SAGALD`,
-`SVRGLD`, `SGLDCV` (``temperature=0`` gives SGD, SAGA, SVRG). Priors in `torch_sample.priors`.
+`SVRGLD`, `SGLDCV` (``temperature=0`` gives SGD, SAGA, SVRG); full-data samplers driven by a
+closure: `ULA`, `MALA`, `HMC`. Priors in `torch_sample.priors`.
 """
 
 from . import priors
+from .hmc import HMC, leapfrog
 from .langevin import LangevinSampler, langevin_update
+from .mala import MALA
+from .metropolis import MetropolisSampler
 from .sagald import SAGALD
 from .sgld import SGLD
 from .sgldcv import SGLDCV
 from .svrgld import SVRGLD
+from .target import log_density_closure
+from .ula import ULA
 
-__all__ = ["SAGALD", "SGLD", "SGLDCV", "SVRGLD", "LangevinSampler", "langevin_update", "priors"]
+__all__ = ["HMC", "MALA", "SAGALD", "SGLD", "SGLDCV", "SVRGLD", "ULA", "LangevinSampler", "MetropolisSampler",
+           "langevin_update", "leapfrog", "log_density_closure", "priors"]

@@ -1,0 +1,156 @@
+"""ULA, MALA, HMC: acceptance formulas by hand, leapfrog reversibility, safe failure, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import torch_sample
+from torch_sample.hmc import leapfrog
+
+P = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=torch.float64)  # precision of a 2-D Gaussian
+
+
+def gaussian(theta):
+    return torch_sample.log_density_closure(lambda t: -0.5 * t @ P @ t, theta)
+
+
+def test_leapfrog_is_reversible():
+    x0 = [torch.tensor([0.3, -1.2], dtype=torch.float64)]
+    r0 = [torch.tensor([1.1, 0.4], dtype=torch.float64)]
+    inv_mass = [torch.tensor([0.7, 1.9], dtype=torch.float64)]
+
+    def grad_fn(x):
+        return True, [P @ x[0]]
+
+    x, r, g = x0, r0, [P @ x0[0]]
+    for _ in range(25):
+        x, r, g, _ = leapfrog(x, r, g, 0.1, inv_mass, grad_fn)
+    r = [-m for m in r]
+    for _ in range(25):
+        x, r, g, _ = leapfrog(x, r, g, 0.1, inv_mass, grad_fn)
+    torch.testing.assert_close(x[0], x0[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(-r[0], r0[0], rtol=0, atol=1e-10)
+
+
+def test_mala_acceptance_matches_the_hand_formula():
+    theta = torch.tensor([0.5, -0.4], dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(3)
+    sampler = torch_sample.MALA([theta], lr=0.3, generator=gen)
+    start = theta.detach().clone()
+    xi = torch.randn(2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sampler.step(gaussian(theta))
+    h = 0.3
+
+    def u(t):
+        return 0.5 * float(t @ P @ t)
+
+    prop = start - h * (P @ start) + math.sqrt(2 * h) * xi
+    log_q_back = -float(((start - prop + h * (P @ prop)) ** 2).sum()) / (4 * h)
+    log_q_fwd = -float(((prop - start + h * (P @ start)) ** 2).sum()) / (4 * h)
+    alpha = min(1.0, math.exp(-(u(prop) - u(start)) + log_q_back - log_q_fwd))
+    assert sampler.stats["acceptance_rate"] == pytest.approx(alpha, rel=1e-12)
+    assert sampler.stats["energy_error"] == pytest.approx(u(prop) - u(start), rel=1e-12)
+    assert torch.equal(theta.detach(), prop) or torch.equal(theta.detach(), start)
+
+
+def test_hmc_acceptance_matches_the_hand_formula():
+    theta = torch.tensor([0.5, -0.4], dtype=torch.float64, requires_grad=True)
+    sampler = torch_sample.HMC([theta], lr=0.4, num_leapfrog=3, generator=torch.Generator().manual_seed(4))
+    start = theta.detach().clone()
+    r0 = torch.randn(2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sampler.step(gaussian(theta))
+    x, r = start.clone(), r0.clone()
+    for _ in range(3):  # by hand: unit mass
+        r = r - 0.2 * (P @ x)
+        x = x + 0.4 * r
+        r = r - 0.2 * (P @ x)
+    h0 = 0.5 * float(start @ P @ start) + 0.5 * float(r0 @ r0)
+    h1 = 0.5 * float(x @ P @ x) + 0.5 * float(r @ r)
+    assert sampler.stats["energy_error"] == pytest.approx(h1 - h0, rel=1e-10)
+    assert sampler.stats["acceptance_rate"] == pytest.approx(min(1.0, math.exp(h0 - h1)), rel=1e-10)
+    assert sampler.stats["n_steps"] == 3 and sampler.stats["grad_evals"] == 3
+
+
+@pytest.mark.parametrize("cls,kw", [(torch_sample.MALA, dict(lr=0.5)),
+                                    (torch_sample.HMC, dict(lr=0.3, num_leapfrog=5))])
+def test_gaussian_moments(cls, kw):
+    """4,000 draws of a 2-D Gaussian: mean within 5 MC SEs (batch means), covariance within 15%."""
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    sampler = cls([theta], generator=torch.Generator().manual_seed(0), **kw)
+    closure = gaussian(theta)
+    draws = []
+    for _ in range(4200):
+        sampler.step(closure)
+        draws.append(theta.detach().clone())
+    x = torch.stack(draws[200:])
+    batch_means = x.reshape(20, -1, 2).mean(1)
+    se = batch_means.std(0) / math.sqrt(20)
+    assert bool((x.mean(0).abs() <= 5 * se).all())
+    torch.testing.assert_close(torch.cov(x.T), torch.linalg.inv(P), rtol=0.15, atol=0.05)
+
+
+def test_nan_at_a_proposal_is_a_rejection_marked_diverging():
+    theta = torch.tensor([0.5, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def log_density(t):  # NaN beyond |t| > 1: proposals there must be rejected, not crash
+        lp = -0.5 * (t * t).sum()
+        return torch.where(t.abs().max() > 1.0, torch.full_like(lp, float("nan")), lp)
+
+    closure = torch_sample.log_density_closure(log_density, theta)
+    for cls, kw in ((torch_sample.MALA, {}), (torch_sample.HMC, dict(num_leapfrog=4)), (torch_sample.ULA, {})):
+        sampler = cls([theta], lr=2.0, generator=torch.Generator().manual_seed(1), **kw)
+        seen = 0
+        for _ in range(30):
+            before = theta.detach().clone()
+            sampler.step(closure)
+            if sampler.stats["diverging"]:
+                seen += 1
+                assert torch.equal(theta.detach(), before)  # restored
+                assert torch.allclose(theta.grad, before)  # and the cached gradient: ∇U = θ here
+        assert seen > 0 and bool(theta.detach().abs().max() <= 1.0)
+
+
+def test_adaptation_sets_the_averaged_step_size():
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    sampler = torch_sample.MALA([theta], lr=50.0, generator=torch.Generator().manual_seed(0))
+    sampler.adapt(True)
+    closure = gaussian(theta)
+    for _ in range(400):
+        sampler.step(closure)
+    sampler.adapt(False)
+    assert sampler.step_size == pytest.approx(sampler.dual.final_step_size)
+    accept = []
+    for _ in range(2000):
+        sampler.step(closure)
+        accept.append(sampler.stats["acceptance_rate"])
+    assert abs(sum(accept) / len(accept) - 0.574) < 0.05
+
+
+class TestBadInput:
+    def test_options(self):
+        theta = torch.zeros(2, requires_grad=True)
+        for lr in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="lr"):
+                torch_sample.MALA([theta], lr=lr)
+        with pytest.raises(ValueError, match="num_leapfrog"):
+            torch_sample.HMC([theta], lr=0.1, num_leapfrog=0)
+
+    def test_non_finite_start(self):
+        theta = torch.tensor([float("nan"), 0.0], requires_grad=True)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            torch_sample.HMC([theta], lr=0.1).step(gaussian(theta))
+        theta = torch.tensor([0.0, 0.0], requires_grad=True)
+        closure = torch_sample.log_density_closure(lambda t: -(t.sum() - t.sum()) / 0.0, theta)
+        with pytest.raises(ValueError, match="not finite"):
+            torch_sample.MALA([theta], lr=0.1).step(closure)
+
+    def test_bad_closures(self):
+        theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        sampler = torch_sample.MALA([theta], lr=0.1)
+        with pytest.raises(TypeError, match="one-element tensor"):
+            sampler.step(lambda: (theta * theta).sum(0).expand(2))
+        with pytest.raises(RuntimeError, match="backward"):
+            sampler.step(lambda: (theta * theta).sum().detach())

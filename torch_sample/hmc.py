@@ -1,0 +1,104 @@
+"""Hamiltonian Monte Carlo with a diagonal mass matrix (Duane et al. 1987; Neal 2011)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .metropolis import MetropolisSampler, _Point
+from .priors import Prior
+
+__all__ = ["HMC", "leapfrog"]
+
+
+def leapfrog(
+    position: list[torch.Tensor],
+    momentum: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    step_size: float,
+    inv_mass: list[torch.Tensor],
+    grad_fn: Callable[[list[torch.Tensor]], tuple[bool, list[torch.Tensor]]],
+    temperature: float = 1.0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], bool]:
+    """One leapfrog step of H(θ, r) = U(θ)/T + ½ rᵀM⁻¹r: r ← r − ε/2·∇U/T; θ ← θ + ε·M⁻¹r;
+    r ← r − ε/2·∇U(θ)/T. ``grad_fn(θ)`` returns (finite, ∇U(θ)). Returns (θ, r, ∇U(θ), finite)."""
+    half = 0.5 * step_size / temperature
+    r = [m - half * g for m, g in zip(momentum, grad)]
+    x = [q + step_size * w * m for q, w, m in zip(position, inv_mass, r)]
+    finite, new_grad = grad_fn(x)
+    if not finite:
+        return x, r, new_grad, False
+    r = [m - half * g for m, g in zip(r, new_grad)]
+    return x, r, new_grad, True
+
+
+class HMC(MetropolisSampler):
+    """``num_leapfrog`` leapfrog steps of size ε = ``lr`` from a momentum r ~ N(0, M), then a
+    Metropolis test on H(θ, r) = U(θ)/T + ½ rᵀM⁻¹r. The diagonal inverse mass matrix M⁻¹ starts
+    at I and is estimated in Stan's windows by ``adapt(True, num_warmup=...)``.
+
+    ``stats``: lp, acceptance_rate, step_size, diverging (non-finite U/∇U on the path, or an
+    energy error above ``max_energy_error``, 1000 as Stan), energy (H at the new state),
+    energy_error (H' − H of the proposal), n_steps (L), grad_evals (L·N).
+    """
+
+    default_target_accept = 0.8
+    adapts_mass = True
+
+    def __init__(self, params: Iterable, lr: float, num_data: int = 1, *, num_leapfrog: int = 10,
+                 prior: Prior | None = None, temperature: float = 1.0, target_accept: float | None = None,
+                 max_energy_error: float = 1000.0, generator: torch.Generator | None = None):
+        if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog < 1:
+            raise ValueError(f"num_leapfrog must be an integer >= 1, got {num_leapfrog!r}")
+        super().__init__(params, lr, num_data, prior=prior, temperature=temperature, target_accept=target_accept,
+                         max_energy_error=max_energy_error, generator=generator)
+        self.num_leapfrog = num_leapfrog
+
+    def _kinetic(self, momentum: list[torch.Tensor], inv_mass: list[torch.Tensor]) -> float:
+        return 0.5 * sum(float((w * m * m).sum()) for w, m in zip(inv_mass, momentum))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> torch.Tensor:
+        if closure is None:
+            raise ValueError("HMC.step needs the closure that computes the full-data loss and calls backward")
+        cur = self._current_point(closure)
+        eps, temp = self.step_size, self.temperature
+        inv_mass = self._inv_mass()
+        start = [p.detach().clone() for p in self._params()]
+        momentum = [self._noise(x) / w.sqrt() for x, w in zip(start, inv_mass)]
+        h0 = cur.potential / temp + self._kinetic(momentum, inv_mass)
+        last: list[_Point] = [cur]
+
+        def grad_fn(x):
+            self._set(x)
+            point = self._evaluate(closure)
+            last[0] = point
+            return point.finite, point.grads
+
+        x, r, g, finite = start, momentum, cur.grads, True
+        for _ in range(self.num_leapfrog):
+            x, r, g, finite = leapfrog(x, r, g, eps, inv_mass, grad_fn, temp)
+            if not finite:
+                break
+        new = last[0]
+        energy_error = math.inf
+        if finite:
+            energy_error = new.potential / temp + self._kinetic(r, inv_mass) - h0
+        diverging = not finite or not math.isfinite(energy_error) or energy_error > self.max_energy_error
+        accept_prob = 0.0 if diverging else min(1.0, math.exp(min(0.0, -energy_error)))
+        u = torch.rand((), generator=self.generator, device=self.generator.device if self.generator else None)
+        if not diverging and math.log(float(u)) < -energy_error:
+            self._finish(new)
+            energy = h0 + energy_error
+        else:
+            self._set(start)
+            self._finish(cur)
+            energy = h0
+        self.stats = {"lp": -self._current.potential / temp, "acceptance_rate": accept_prob, "step_size": eps,
+                      "diverging": float(diverging), "energy": energy, "energy_error": energy_error,
+                      "n_steps": float(self.num_leapfrog), "grad_evals": float(self.num_leapfrog * self.num_data)}
+        self._adapt_after_step(accept_prob)
+        return torch.tensor(self._current.potential)

@@ -1,0 +1,58 @@
+"""The Metropolis-adjusted Langevin algorithm (Roberts & Tweedie 1996)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .metropolis import MetropolisSampler
+
+__all__ = ["MALA"]
+
+
+class MALA(MetropolisSampler):
+    """Proposal θ' = θ − h·∇U(θ) + √(2hT)·ξ (h = ``lr``), accepted with probability
+    min(1, exp(−(U(θ') − U(θ))/T) · q(θ | θ') / q(θ' | θ)), log q(a | b) = −‖a − b + h∇U(b)‖²/(4hT).
+
+    ``step(closure)``; ``stats``: lp (= −U/T at the new state), acceptance_rate, step_size,
+    diverging, energy_error ((U' − U)/T of the proposal), n_steps (1), grad_evals (N).
+    Default adaptation target 0.574 (Roberts & Rosenthal 1998).
+    """
+
+    default_target_accept = 0.574
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> torch.Tensor:
+        if closure is None:
+            raise ValueError("MALA.step needs the closure that computes the full-data loss and calls backward")
+        cur = self._current_point(closure)
+        h, temp = self.step_size, self.temperature
+        start = [p.detach().clone() for p in self._params()]
+        proposal = [x - h * g + math.sqrt(2 * h * temp) * self._noise(x) for x, g in zip(start, cur.grads)]
+        self._set(proposal)
+        new = self._evaluate(closure)
+        log_alpha = -math.inf
+        energy_error = math.inf
+        if new.finite:
+            energy_error = (new.potential - cur.potential) / temp
+
+            def log_q(a, b, grad_b):  # log q(a | b) up to a constant
+                return -sum(float(((ai - bi + h * gi) ** 2).sum()) for ai, bi, gi in zip(a, b, grad_b)) / (4 * h * temp)
+
+            log_alpha = -energy_error + log_q(start, proposal, new.grads) - log_q(proposal, start, cur.grads)
+        diverging = not new.finite or energy_error > self.max_energy_error
+        accept_prob = 0.0 if diverging else min(1.0, math.exp(min(0.0, log_alpha)))
+        u = torch.rand((), generator=self.generator, device=self.generator.device if self.generator else None)
+        if not diverging and math.log(float(u)) < log_alpha:
+            self._finish(new)
+        else:
+            self._set(start)
+            self._finish(cur)
+        self.stats = {"lp": -self._current.potential / temp, "acceptance_rate": accept_prob,
+                      "step_size": h, "diverging": float(diverging), "energy_error": energy_error,
+                      "n_steps": 1.0, "grad_evals": float(self.num_data)}
+        self._adapt_after_step(accept_prob)
+        return torch.tensor(self._current.potential)

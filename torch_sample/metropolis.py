@@ -1,0 +1,233 @@
+"""Full-data samplers driven by a closure (as torch.optim.LBFGS): the shared machinery of ULA, MALA, HMC.
+
+Target π(θ) ∝ exp(−U(θ)/T), U(θ) = N·loss(θ) + (−log p(θ)) where ``closure()`` computes the loss
+(the mean NLL over the whole data set; with ``num_data=1``, U itself), calls ``backward`` and
+returns it. Every evaluation is checked: a non-finite U or ∇U at a proposal is a rejection marked
+``diverging`` (never an exception), and a rejected proposal restores the parameters together with
+the cached U and ∇U of the current state. After each step ``p.grad`` holds ∇U at the current θ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .adaptation import DualAveraging, WelfordDiagonal, warmup_windows
+from .langevin import _check_number
+from .priors import Prior, prior_from_dict
+
+__all__ = ["MetropolisSampler"]
+
+
+class _Point:
+    """U, ∇U and the parameters' version counters at one θ."""
+
+    def __init__(self, potential: float, grads: list[torch.Tensor], finite: bool, versions: list[int]):
+        self.potential, self.grads, self.finite, self.versions = potential, grads, finite, versions
+
+
+class MetropolisSampler(Optimizer):
+    """Base of the closure-driven samplers. ``lr`` is the step size (one for all groups); ``prior``
+    may differ per param group; ``target_accept`` is the acceptance the step-size adaptation aims at."""
+
+    default_target_accept = 0.8
+    adapts_mass = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        num_data: int = 1,
+        *,
+        prior: Prior | None = None,
+        temperature: float = 1.0,
+        target_accept: float | None = None,
+        max_energy_error: float = 1000.0,
+        generator: torch.Generator | None = None,
+    ):
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"num_data must be the number of examples (an integer >= 1; 1 when the closure returns "
+                             f"U itself), got {num_data!r}")
+        _check_number("temperature", temperature, 0.0, strict=True)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        super().__init__(params, dict(lr=lr, prior=prior))
+        if len({g["lr"] for g in self.param_groups}) != 1:
+            raise ValueError(f"{type(self).__name__} takes one step size for all parameter groups")
+        self.num_data = num_data
+        self.temperature = float(temperature)
+        self.max_energy_error = _check_number("max_energy_error", max_energy_error, 0.0, strict=True)
+        self.generator = generator
+        self.dual = DualAveraging(float(lr), target_accept or self.default_target_accept)
+        self.welford = WelfordDiagonal()
+        self.adapting = False
+        self._warmup_step = 0
+        self._windows: list[tuple[int, int]] = []
+        self._current: _Point | None = None
+        self.stats: dict[str, float] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = {**self.defaults, **param_group}
+        _check_number("lr (the step size)", group["lr"], 0.0, strict=True)
+        if group["prior"] is not None and not isinstance(group["prior"], Prior):
+            raise TypeError(f"prior must be a torch_sample.priors.Prior or None, got {group['prior']!r}")
+        super().add_param_group(param_group)
+
+    # -- parameters -------------------------------------------------------------------------------
+
+    @property
+    def step_size(self) -> float:
+        return float(self.param_groups[0]["lr"])
+
+    def _set_step_size(self, value: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = value
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _inv_mass(self) -> list[torch.Tensor]:
+        out = []
+        for p in self._params():
+            state = self.state[p]
+            if "inv_mass" not in state:
+                state["inv_mass"] = torch.ones_like(p)
+            out.append(state["inv_mass"])
+        return out
+
+    def _noise(self, p: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            return torch.randn_like(p)
+        return torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=p.dtype).to(p.device)
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _evaluate(self, closure: Callable[[], Any]) -> _Point:
+        params = self._params()
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(
+                f"the closure must return the loss as a one-element tensor (after loss.backward()), got "
+                f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}"
+            )
+        if all(p.grad is None for p in params):
+            raise RuntimeError("the closure returned without gradients: it must call loss.backward() before returning "
+                               "the loss (as for torch.optim.LBFGS)")
+        potential = self.num_data * float(loss.detach())
+        grads = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                prior = group["prior"]
+                for p in group["params"]:
+                    if not p.requires_grad:
+                        continue
+                    g = torch.zeros_like(p) if p.grad is None else p.grad.detach() * self.num_data
+                    if prior is not None:
+                        prior.add_grad_(p, g)
+                        potential -= float(prior.log_prob(p))
+                    grads.append(g)
+            finite = math.isfinite(potential) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        return _Point(potential, grads, finite, [p._version for p in params])
+
+    def _current_point(self, closure: Callable[[], Any]) -> _Point:
+        params = self._params()
+        cur = self._current
+        if cur is None or cur.versions != [p._version for p in params]:
+            for p in params:
+                if not bool(torch.isfinite(p).all()):
+                    raise ValueError("the parameters hold NaN or inf: start the chain from finite values")
+            cur = self._evaluate(closure)
+            if not cur.finite:
+                raise ValueError(
+                    f"the log density at the current parameters is not finite (U = {cur.potential}): start the chain "
+                    "where the closure's loss and its gradient are finite"
+                )
+            self._current = cur
+        return cur
+
+    @torch.no_grad()
+    def _set(self, values: list[torch.Tensor]) -> None:
+        for p, v in zip(self._params(), values):
+            p.copy_(v)
+
+    def _finish(self, point: _Point) -> None:
+        """Make ``point`` the current state: its gradient in ``.grad``, its versions recorded."""
+        params = self._params()
+        for p, g in zip(params, point.grads):
+            p.grad = g.clone()
+        point.versions = [p._version for p in params]
+        self._current = point
+
+    # -- adaptation -------------------------------------------------------------------------------
+
+    def adapt(self, on: bool = True, num_warmup: int | None = None) -> None:
+        """Start (``on=True``) or end warmup adaptation. During it the step size follows dual averaging
+        toward ``target_accept``; samplers with a mass matrix (HMC) also estimate a diagonal one in
+        Stan's windows when ``num_warmup`` (the planned warmup steps) is given. Ending it sets the step
+        size to the dual-averaged one."""
+        if on:
+            self.adapting = True
+            self._warmup_step = 0
+            self._windows = warmup_windows(num_warmup) if (num_warmup and self.adapts_mass) else []
+            self.welford.reset()
+            self.dual.restart(self.step_size)
+        elif self.adapting:
+            self.adapting = False
+            self._set_step_size(self.dual.final_step_size)
+
+    def _adapt_after_step(self, accept_prob: float) -> None:
+        if not self.adapting:
+            return
+        self._warmup_step += 1
+        self._set_step_size(self.dual.update(accept_prob))
+        t = self._warmup_step
+        for start, end in self._windows:
+            if start <= t <= end:
+                self.welford.update(torch.cat([p.detach().reshape(-1) for p in self._params()]))
+                if t == end:
+                    var = self.welford.variance()
+                    offset = 0
+                    for m in self._inv_mass():
+                        m.copy_(var[offset : offset + m.numel()].reshape(m.shape).to(m.dtype))
+                        offset += m.numel()
+                    self.welford.reset()
+                    self.dual.restart(self.step_size)
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for g in state["param_groups"]:
+            if g["prior"] is not None:
+                g["prior"] = g["prior"].to_dict()
+        state["adaptation"] = {"dual": self.dual.state_dict(), "welford": self.welford.state_dict(),
+                               "adapting": self.adapting, "warmup_step": self._warmup_step,
+                               "windows": list(self._windows)}
+        state["generator"] = None if self.generator is None else self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        adaptation = state_dict.pop("adaptation", None)
+        generator = state_dict.pop("generator", None)
+        state_dict["param_groups"] = [
+            {**g, "prior": prior_from_dict(g["prior"]) if isinstance(g.get("prior"), dict) else g.get("prior")}
+            for g in state_dict["param_groups"]
+        ]
+        super().load_state_dict(state_dict)
+        if adaptation is not None:
+            self.dual.load_state_dict(adaptation["dual"])
+            self.welford.load_state_dict(adaptation["welford"])
+            self.adapting = adaptation["adapting"]
+            self._warmup_step = adaptation["warmup_step"]
+            self._windows = [tuple(w) for w in adaptation["windows"]]
+        if generator is not None and self.generator is not None:
+            self.generator.set_state(generator)
+        self._current = None
