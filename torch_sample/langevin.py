@@ -15,7 +15,6 @@ friction 1−μ). ``nesterov=True`` (optimization only) is torch.optim.SGD's Nes
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +24,8 @@ from torch.optim import Optimizer
 from vr_mcmc.estimators import Estimator, Minibatch
 from vr_mcmc.estimators.base import grad_or_zeros
 
-from .priors import Prior, prior_from_dict
+from ._shared import check_number, gaussian_noise, restore_generator, state_from_plain, state_to_plain
+from .priors import Prior
 
 __all__ = ["LangevinSampler", "langevin_update"]
 
@@ -46,12 +46,7 @@ def langevin_update(
     """One step of the (possibly underdamped) Langevin update, in place; ``grads`` hold ∇Ũ."""
     noise_scale = math.sqrt(2.0 * lr * temperature * (1.0 - momentum)) if temperature > 0 else 0.0
     for p, g, buf in zip(params, grads, momentum_buffers):
-        noise = None
-        if noise_scale:
-            if generator is None:
-                noise = torch.randn_like(p)
-            else:
-                noise = torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+        noise = gaussian_noise(p, generator) if noise_scale else None
         if momentum:
             buf.mul_(momentum).add_(g)
             if noise is not None:  # velocity u = −h·b gets √(2(1−μ)hT)·ξ
@@ -62,20 +57,6 @@ def langevin_update(
             p.add_(g, alpha=-lr)
             if noise is not None:
                 p.add_(noise, alpha=noise_scale)
-
-
-def _check_number(name: str, value: Any, low: float, *, strict: bool, high: float | None = None) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (value <= low) if strict else (value < low):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
-    if high is not None and value >= high:
-        raise ValueError(f"{name} must be < {high}, got {value!r}")
-    return float(value)
 
 
 class LangevinSampler(Optimizer):
@@ -137,9 +118,9 @@ class LangevinSampler(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
-        _check_number("lr (the step size)", group["lr"], 0.0, strict=True)
-        _check_number("temperature", group["temperature"], 0.0, strict=False)
-        _check_number("momentum", group["momentum"], 0.0, strict=False, high=1.0)
+        check_number("lr (the step size)", group["lr"], 0.0, strict=True)
+        check_number("temperature", group["temperature"], 0.0, strict=False)
+        check_number("momentum", group["momentum"], 0.0, strict=False, high=1.0)
         prior = group["prior"]
         if prior is not None and not isinstance(prior, Prior):
             raise TypeError(f"prior must be a torch_sample.priors.Prior (Normal, Laplace, Flat) or None, got {prior!r}")
@@ -222,28 +203,14 @@ class LangevinSampler(Optimizer):
         self.estimator.initialize(loader, loss_fn)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        for g in state["param_groups"]:
-            if g["prior"] is not None:
-                g["prior"] = g["prior"].to_dict()
+        state = state_to_plain(super().state_dict(), self.generator)
         state["estimator"] = self.estimator.state_dict()
-        state["generator"] = None if self.generator is None else self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        state_dict, generator = state_from_plain(state_dict)
         estimator = state_dict.pop("estimator", None)
-        generator = state_dict.pop("generator", None)
-        state_dict["param_groups"] = [
-            {**g, "prior": prior_from_dict(g["prior"]) if isinstance(g.get("prior"), dict) else g.get("prior")}
-            for g in state_dict["param_groups"]
-        ]
         super().load_state_dict(state_dict)
         if estimator is not None:
             self.estimator.load_state_dict(estimator)
-        if generator is not None:
-            if self.generator is None:
-                warnings.warn("the saved sampler had a generator= but this one has none: its noise will differ",
-                              stacklevel=2)
-            else:
-                self.generator.set_state(generator)
+        restore_generator(self.generator, generator)

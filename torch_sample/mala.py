@@ -31,7 +31,7 @@ class MALA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        proposal = [x - h * g + math.sqrt(2 * h * temp) * self._noise(x) for x, g in zip(start, cur.grads)]
+        proposal = self._langevin_proposal(start, cur.grads)
         self._set(proposal)
         new = self._evaluate(closure)
         log_alpha = -math.inf

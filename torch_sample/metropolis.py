@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._shared import check_number, gaussian_noise, restore_generator, state_from_plain, state_to_plain
 from .adaptation import DualAveraging, WelfordDiagonal, warmup_windows
-from .langevin import _check_number
-from .priors import Prior, prior_from_dict
+from .priors import Prior
 
 __all__ = ["MetropolisSampler"]
 
@@ -52,7 +52,7 @@ class MetropolisSampler(Optimizer):
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be the number of examples (an integer >= 1; 1 when the closure returns "
                              f"U itself), got {num_data!r}")
-        _check_number("temperature", temperature, 0.0, strict=True)
+        check_number("temperature", temperature, 0.0, strict=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         super().__init__(params, dict(lr=lr, prior=prior))
@@ -60,7 +60,7 @@ class MetropolisSampler(Optimizer):
             raise ValueError(f"{type(self).__name__} takes one step size for all parameter groups")
         self.num_data = num_data
         self.temperature = float(temperature)
-        self.max_energy_error = _check_number("max_energy_error", max_energy_error, 0.0, strict=True)
+        self.max_energy_error = check_number("max_energy_error", max_energy_error, 0.0, strict=True)
         self.generator = generator
         self.dual = DualAveraging(float(lr), target_accept or self.default_target_accept)
         self.welford = WelfordDiagonal()
@@ -72,7 +72,7 @@ class MetropolisSampler(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
-        _check_number("lr (the step size)", group["lr"], 0.0, strict=True)
+        check_number("lr (the step size)", group["lr"], 0.0, strict=True)
         if group["prior"] is not None and not isinstance(group["prior"], Prior):
             raise TypeError(f"prior must be a torch_sample.priors.Prior or None, got {group['prior']!r}")
         super().add_param_group(param_group)
@@ -100,9 +100,13 @@ class MetropolisSampler(Optimizer):
         return out
 
     def _noise(self, p: torch.Tensor) -> torch.Tensor:
-        if self.generator is None:
-            return torch.randn_like(p)
-        return torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=p.dtype).to(p.device)
+        return gaussian_noise(p, self.generator)
+
+    def _langevin_proposal(self, start: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """θ − h·∇U(θ) + √(2hT)·ξ, the move of ULA and MALA's proposal."""
+        h = self.step_size
+        scale = math.sqrt(2 * h * self.temperature)
+        return [x - h * g + scale * self._noise(x) for x, g in zip(start, grads)]
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -203,24 +207,15 @@ class MetropolisSampler(Optimizer):
     # -- state --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        for g in state["param_groups"]:
-            if g["prior"] is not None:
-                g["prior"] = g["prior"].to_dict()
+        state = state_to_plain(super().state_dict(), self.generator)
         state["adaptation"] = {"dual": self.dual.state_dict(), "welford": self.welford.state_dict(),
                                "adapting": self.adapting, "warmup_step": self._warmup_step,
                                "windows": list(self._windows)}
-        state["generator"] = None if self.generator is None else self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        state_dict, generator = state_from_plain(state_dict)
         adaptation = state_dict.pop("adaptation", None)
-        generator = state_dict.pop("generator", None)
-        state_dict["param_groups"] = [
-            {**g, "prior": prior_from_dict(g["prior"]) if isinstance(g.get("prior"), dict) else g.get("prior")}
-            for g in state_dict["param_groups"]
-        ]
         super().load_state_dict(state_dict)
         if adaptation is not None:
             self.dual.load_state_dict(adaptation["dual"])
@@ -228,6 +223,5 @@ class MetropolisSampler(Optimizer):
             self.adapting = adaptation["adapting"]
             self._warmup_step = adaptation["warmup_step"]
             self._windows = [tuple(w) for w in adaptation["windows"]]
-        if generator is not None and self.generator is not None:
-            self.generator.set_state(generator)
-        self._current = None
+        restore_generator(self.generator, generator)
+        self._current = None  # re-evaluated at the next step, at the loaded parameters

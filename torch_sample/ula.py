@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,7 @@ class ULA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        self._set([x - h * g + math.sqrt(2 * h * temp) * self._noise(x) for x, g in zip(start, cur.grads)])
+        self._set(self._langevin_proposal(start, cur.grads))
         new = self._evaluate(closure)
         if new.finite:
             self._finish(new)
