@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .metropolis import MetropolisSampler, _Point
+from .metropolis import MetropolisSampler
 from .priors import Prior
 
 __all__ = ["HMC", "leapfrog"]
@@ -26,12 +26,13 @@ def leapfrog(
     """One leapfrog step of H(θ, r) = U(θ)/T + ½ rᵀM⁻¹r: r ← r − ε/2·∇U/T; θ ← θ + ε·M⁻¹r;
     r ← r − ε/2·∇U(θ)/T. ``grad_fn(θ)`` returns (finite, ∇U(θ)). Returns (θ, r, ∇U(θ), finite)."""
     half = 0.5 * step_size / temperature
-    r = [m - half * g for m, g in zip(momentum, grad)]
-    x = [q + step_size * w * m for q, w, m in zip(position, inv_mass, r)]
+    r = [torch.add(m, g, alpha=-half) for m, g in zip(momentum, grad)]
+    x = [torch.addcmul(q, w, m, value=step_size) for q, w, m in zip(position, inv_mass, r)]
     finite, new_grad = grad_fn(x)
     if not finite:
         return x, r, new_grad, False
-    r = [m - half * g for m, g in zip(r, new_grad)]
+    for m, g in zip(r, new_grad):
+        m.add_(g, alpha=-half)
     return x, r, new_grad, True
 
 
@@ -58,6 +59,8 @@ class HMC(MetropolisSampler):
         self.num_leapfrog = num_leapfrog
 
     def _kinetic(self, momentum: list[torch.Tensor], inv_mass: list[torch.Tensor]) -> float:
+        if len(momentum) == 1 and momentum[0].dim() == 1:  # one flat parameter (a log density's θ): two ops
+            return 0.5 * torch.dot(inv_mass[0], momentum[0].square()).item()
         return 0.5 * sum(float((w * m * m).sum()) for w, m in zip(inv_mass, momentum))
 
     @torch.no_grad()
@@ -66,31 +69,35 @@ class HMC(MetropolisSampler):
             raise ValueError("HMC.step needs the closure that computes the full-data loss and calls backward")
         cur = self._current_point(closure)
         eps, temp = self.step_size, self.temperature
+        half = 0.5 * eps / temp
+        params = self._params()
         inv_mass = self._inv_mass()
-        start = [p.detach().clone() for p in self._params()]
-        momentum = [self._noise(x) / w.sqrt() for x, w in zip(start, inv_mass)]
+        start = [p.detach().clone() for p in params]
+        momentum = [self._noise(x).div_(w.sqrt()) for x, w in zip(start, inv_mass)]
         h0 = cur.potential / temp + self._kinetic(momentum, inv_mass)
-        last: list[_Point] = [cur]
 
-        def grad_fn(x):
-            self._set(x)
-            point = self._evaluate(closure)
-            last[0] = point
-            return point.finite, point.grads
-
-        x, r, g, finite = start, momentum, cur.grads, True
+        # The leapfrog steps of `leapfrog`, in place on the parameters and on the momentum (which is ours).
+        new, r, finite = cur, momentum, True
         for _ in range(self.num_leapfrog):
-            x, r, g, finite = leapfrog(x, r, g, eps, inv_mass, grad_fn, temp)
-            if not finite:
+            for m, g in zip(r, new.grads):
+                m.add_(g, alpha=-half)
+            for p, w, m in zip(params, inv_mass, r):
+                p.addcmul_(w, m, value=eps)
+            new = self._evaluate(closure, params)
+            if not new.finite:
+                finite = False
                 break
-        new = last[0]
+            for m, g in zip(r, new.grads):
+                m.add_(g, alpha=-half)
         energy_error = math.inf
         if finite:
             energy_error = new.potential / temp + self._kinetic(r, inv_mass) - h0
         diverging = not finite or not math.isfinite(energy_error) or energy_error > self.max_energy_error
         accept_prob = 0.0 if diverging else min(1.0, math.exp(min(0.0, -energy_error)))
-        u = torch.rand((), generator=self.generator, device=self.generator.device if self.generator else None)
-        if not diverging and math.log(float(u)) < -energy_error:
+        # accept if u < α (no log of u = 0); u in float64 like the energies (float32 would resolve only 2⁻²⁴)
+        u = torch.rand((), dtype=torch.float64, generator=self.generator,
+                       device=self.generator.device if self.generator else None)
+        if not diverging and u.item() < accept_prob:
             self._finish(new)
             energy = h0 + energy_error
         else:

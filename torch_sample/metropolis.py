@@ -110,8 +110,10 @@ class MetropolisSampler(Optimizer):
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    def _evaluate(self, closure: Callable[[], Any]) -> _Point:
-        params = self._params()
+    def _evaluate(self, closure: Callable[[], Any], params: list[torch.Tensor] | None = None) -> _Point:
+        """U, ∇U at the parameters' current values (``params``: `_params()`, when the caller has it)."""
+        if params is None:
+            params = self._params()
         for p in params:
             p.grad = None
         with torch.enable_grad():
@@ -124,20 +126,30 @@ class MetropolisSampler(Optimizer):
         if all(p.grad is None for p in params):
             raise RuntimeError("the closure returned without gradients: it must call loss.backward() before returning "
                                "the loss (as for torch.optim.LBFGS)")
-        potential = self.num_data * float(loss.detach())
-        grads = []
-        with torch.no_grad():
-            for group in self.param_groups:
-                prior = group["prior"]
-                for p in group["params"]:
-                    if not p.requires_grad:
-                        continue
-                    g = torch.zeros_like(p) if p.grad is None else p.grad.detach() * self.num_data
-                    if prior is not None:
-                        prior.add_grad_(p, g)
-                        potential -= float(prior.log_prob(p))
-                    grads.append(g)
-            finite = math.isfinite(potential) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        num_data = self.num_data
+        potential = num_data * loss.item()
+        groups = self.param_groups
+        if len(groups) == 1 and groups[0]["prior"] is None and len(groups[0]["params"]) == len(params):
+            # The common case, without the per-group work. With num_data = 1 the gradients are the closure's own
+            # tensors, not copies: p.grad was None before the closure, so backward made new ones.
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() if num_data == 1
+                     else p.grad.detach() * num_data for p in params]
+        else:
+            grads = []
+            with torch.no_grad():
+                for group in groups:
+                    prior = group["prior"]
+                    for p in group["params"]:
+                        if not p.requires_grad:
+                            continue
+                        g = torch.zeros_like(p) if p.grad is None else p.grad.detach() * num_data
+                        if prior is not None:
+                            prior.add_grad_(p, g)
+                            potential -= float(prior.log_prob(p))
+                        grads.append(g)
+        # A finite sum means finite entries (one reduction); a non-finite sum may be an overflow, so check then.
+        finite = math.isfinite(potential) and all(math.isfinite(g.sum().item()) or bool(g.isfinite().all())
+                                                  for g in grads)
         return _Point(potential, grads, finite, [p._version for p in params])
 
     def _current_point(self, closure: Callable[[], Any]) -> _Point:
