@@ -1,0 +1,272 @@
+"""The chain manager `vr_mcmc.sample` and `vr_mcmc.Recorder` (issue 6): ArviZ output, checkpoint/resume."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import arviz as az
+import chain_job
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import torch_sample
+import vr_mcmc
+
+HERE = Path(__file__).resolve().parent
+
+
+def same_draws(a, b, groups=("posterior", "sample_stats", "log_likelihood")) -> None:
+    for group in groups:
+        da, db = a[group], b[group]
+        assert set(da.data_vars) == set(db.data_vars), group
+        for name in da.data_vars:
+            # sampling_time differs; every recorded number must not
+            np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=f"{group}/{name}")
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only waits (and slows a loaded machine a lot)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hmc_run():
+    return chain_job.run(sampler="hmc", num_samples=200, num_warmup=150)
+
+
+def test_output_works_with_arviz(hmc_run, tmp_path):
+    idata = hmc_run
+    assert isinstance(idata, az.InferenceData)
+    assert set(idata.groups()) == {"posterior", "sample_stats", "log_likelihood", "observed_data"}
+    assert idata.posterior["weight"].dims == ("chain", "draw", "weight_dim_0", "weight_dim_1")
+    assert idata.posterior.sizes["chain"] == 2 and idata.posterior.sizes["draw"] == 200
+    stats = idata.sample_stats
+    for key in ("lp", "acceptance_rate", "step_size", "diverging", "energy", "n_steps", "grad_evals"):
+        assert key in stats, key
+    assert stats["diverging"].dtype == bool
+    assert idata.log_likelihood["obs"].shape == (2, 200, chain_job.N)
+    for attr in ("inference_library", "inference_library_version", "sampling_time", "tuning_steps", "created_at"):
+        assert attr in idata.posterior.attrs, attr
+    assert idata.posterior.attrs["tuning_steps"] == 150
+
+    summary = az.summary(idata, var_names=["weight", "bias"])
+    assert len(summary) == 4 and (summary["r_hat"] < 1.1).all()
+    assert float(az.rhat(idata)["bias"].max()) < 1.1
+    assert float(az.ess(idata)["bias"].min()) > 20
+    loo = az.loo(idata)
+    assert np.isfinite(loo.elpd_loo) and loo.n_data_points == chain_job.N
+    import matplotlib
+
+    matplotlib.use("Agg")
+    axes = az.plot_trace(idata, var_names=["bias"])
+    assert axes.shape == (1, 2)
+    path = tmp_path / "run.nc"
+    idata.to_netcdf(str(path))
+    back = az.from_netcdf(str(path))
+    same_draws(idata, back)
+    np.testing.assert_array_equal(back.observed_data["y"].values, chain_job.Y.numpy())
+
+
+def test_hmc_draws_match_the_in_loop_sampler(hmc_run):
+    """The driver adds nothing of its own: chain 0 equals a hand-written loop with the same seeds."""
+    torch.manual_seed(3)
+    model = chain_job.model_fn()
+    sampler = chain_job.hmc(model)
+    closure_batch = (chain_job.X, chain_job.Y)
+
+    def closure():
+        sampler.zero_grad()
+        loss = chain_job.loss_fn(model, closure_batch)
+        loss.backward()
+        return loss
+
+    sampler.adapt(True, num_warmup=150)
+    for _ in range(150):
+        sampler.step(closure)
+    sampler.adapt(False)
+    bias = []
+    for _ in range(200):
+        sampler.step(closure)
+        bias.append(float(model.bias.detach()))
+    np.testing.assert_allclose(hmc_run.posterior["bias"].values[0, :, 0], bias, rtol=0, atol=1e-6)
+
+
+def test_checkpointed_run_equals_in_memory_run_and_is_read_back(tmp_path):
+    in_memory = chain_job.run(None, "sagald", num_samples=60)
+    on_disk = chain_job.run(tmp_path / "run", "sagald", num_samples=60)
+    same_draws(in_memory, on_disk)
+    digest = tree_digest(tmp_path / "run")
+    again = chain_job.run(tmp_path / "run", "sagald", num_samples=60)  # finished: read back, nothing rewritten
+    same_draws(on_disk, again)
+    assert tree_digest(tmp_path / "run") == digest
+
+
+def test_kill_and_resume_gives_the_uninterrupted_draws(tmp_path):
+    """SIGKILL a SAGA-LD run (its gradient table is part of the state) mid-way, resume, compare."""
+    directory = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(HERE / "chain_job.py"), str(directory), "sagald", "600"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (directory / "chain_0.000003.nc").exists():  # 4 blocks of draws of chain 0 are on disk
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "the job made no progress in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not (directory / "results.nc").exists()
+    resumed = chain_job.run(directory, "sagald", num_samples=600)
+    uninterrupted = chain_job.run(None, "sagald", num_samples=600)
+    same_draws(resumed, uninterrupted)
+
+
+def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path):
+    directory = tmp_path / "run"
+    chain_job.run(directory, "sgld", num_samples=30)
+    digest = tree_digest(directory)
+    with pytest.raises(vr_mcmc.CheckpointError, match="holds another run.*num_samples: saved 30, asked 40"):
+        chain_job.run(directory, "sgld", num_samples=40)
+    assert tree_digest(directory) == digest
+
+    (directory / "results.nc").unlink()  # as if it had died before merging
+    (directory / "chain_0.pt").write_bytes(b"not a checkpoint")
+    digest = tree_digest(directory)
+    with pytest.raises(vr_mcmc.CheckpointError, match="chain_0.pt cannot be read"):
+        chain_job.run(directory, "sgld", num_samples=30)
+    assert tree_digest(directory) == digest
+
+    (directory / "manifest.json").write_text("{broken")
+    with pytest.raises(vr_mcmc.CheckpointError, match="manifest.json is damaged"):
+        chain_job.run(directory, "sgld", num_samples=30)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(vr_mcmc.CheckpointError, match="not a vr_mcmc run"):
+        chain_job.run(foreign, "sgld", num_samples=30)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_parallel_chains_give_the_sequential_draws():
+    sequential = chain_job.run(None, "sgld", num_samples=40)  # one thread, as the worker processes
+    parallel = chain_job.run(None, "sgld", num_samples=40, chain_method="parallel")
+    same_draws(sequential, parallel)
+
+
+def test_thin_warmup_and_record_functions():
+    idata = chain_job.run(None, "sgld", num_samples=20, thin=3, save_warmup=True,
+                          record={"w_norm": lambda m: m.weight.norm(), "logits": lambda m: m(chain_job.X[:5])})
+    assert idata.posterior.sizes["draw"] == 20
+    assert idata.warmup_posterior.sizes["draw"] == 50 // 3
+    assert idata.posterior["logits"].dims == ("chain", "draw", "logits_dim_0", "logits_dim_1")
+    assert set(idata.posterior.data_vars) == {"w_norm", "logits"}
+    assert "warmup_sample_stats" in idata.groups()
+
+
+def test_large_models_record_no_parameters_by_default():
+    def big():
+        return torch.nn.Sequential(torch.nn.Linear(chain_job.D, 3000), torch.nn.Linear(3000, 1))
+
+    with pytest.warns(UserWarning, match="recording none of them by default.*record="):
+        idata = vr_mcmc.sample(big, chain_job.sgld, chain_job.loss_fn, (chain_job.X, chain_job.Y), batch_size=20,
+                               num_chains=1, num_warmup=0, num_samples=3, progress=False)
+    assert "posterior" not in idata.groups() and idata.sample_stats.sizes["draw"] == 3
+
+
+def test_recorder_in_a_users_loop():
+    recorder = vr_mcmc.Recorder(record=["bias"], log_likelihood=chain_job.log_likelihood)
+    for chain in range(2):
+        torch.manual_seed(chain)
+        model = chain_job.model_fn()
+        sampler = chain_job.sgld(model)
+        for _ in range(15):
+            sampler.zero_grad()
+            loss = chain_job.loss_fn(model, (chain_job.X, chain_job.Y))
+            loss.backward()
+            sampler.step(loss=loss)
+            recorder.record(chain, model, sampler)
+    idata = recorder.to_arviz()
+    assert idata.posterior["bias"].shape == (2, 15, 1)
+    assert idata.log_likelihood["obs"].shape == (2, 15, chain_job.N)
+    assert "step_size" in idata.sample_stats
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        vr_mcmc.Recorder(record=["nope"]).record(0, chain_job.model_fn())
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(num_samples=0), ValueError, "num_samples must be an integer >= 1"),
+        (dict(thin=0), ValueError, "thin"),
+        (dict(batch_size=1000), ValueError, "larger than the data"),
+        (dict(chain_method="threads"), ValueError, "chain_method"),
+        (dict(record=["nope"]), ValueError, "not parameters of the model"),
+        (dict(record=42), TypeError, "record must be"),
+        (dict(log_likelihood="obs"), TypeError, "log_likelihood must be"),
+    ],
+)
+def test_bad_input(change, error, match):
+    with pytest.raises(error, match=match):
+        chain_job.run(None, "sgld", **{"num_samples": 5, **change})
+
+
+def test_bad_functions():
+    with pytest.raises(TypeError, match="model_fn"):
+        vr_mcmc.sample(None, chain_job.sgld, chain_job.loss_fn, (chain_job.X, chain_job.Y), batch_size=5,
+                       num_warmup=0, num_samples=2)
+    with pytest.raises(ValueError, match="share their first"):
+        vr_mcmc.sample(chain_job.model_fn, chain_job.sgld, chain_job.loss_fn, (chain_job.X, chain_job.Y[:5]),
+                       batch_size=5, num_warmup=0, num_samples=2)
+
+    def vector_loss(model, batch):
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(batch[0]).squeeze(-1), batch[1],
+                                                                    reduction="none")
+
+    with pytest.raises(TypeError, match="one-element tensor"):
+        vr_mcmc.sample(chain_job.model_fn, chain_job.sgld, vector_loss, (chain_job.X, chain_job.Y), batch_size=5,
+                       num_warmup=0, num_samples=2, progress=False)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="ArviZ 1.x needs Python >= 3.12; this is the ArviZ 0.x path")
+def test_arviz_1_datatree():
+    idata = chain_job.run(None, "sgld", num_samples=20)
+    assert isinstance(idata, xr.DataTree)
+    assert idata["posterior"]["bias"].shape == (2, 20, 1)
+
+
+def test_user_rng_is_left_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chain_job.run(None, "sgld", num_samples=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sgld_posterior_is_plausible():
+    """A sanity check of the minibatch path end to end: SGLD's posterior mean of the weights has the
+    signs of the generating weights (1.5, -1, 0.5), with 120 examples."""
+    idata = chain_job.run(None, "sgld", num_samples=300)
+    mean = idata.posterior["weight"].mean(("chain", "draw")).values.ravel()
+    assert mean[0] > 0.5 and mean[1] < -0.3 and mean[2] > 0, mean
+    assert isinstance(torch_sample.SGLD, type)
