@@ -143,19 +143,19 @@ def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path):
     directory = tmp_path / "run"
     chain_job.run(directory, "sgld", num_samples=30)
     digest = tree_digest(directory)
-    with pytest.raises(vr_mcmc.CheckpointError, match="holds another run.*num_samples: saved 30, asked 40"):
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"holds another run.*num_samples: saved 30, asked 40"):
         chain_job.run(directory, "sgld", num_samples=40)
     assert tree_digest(directory) == digest
 
     (directory / "results.nc").unlink()  # as if it had died before merging
     (directory / "chain_0.pt").write_bytes(b"not a checkpoint")
     digest = tree_digest(directory)
-    with pytest.raises(vr_mcmc.CheckpointError, match="chain_0.pt cannot be read"):
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"chain_0\.pt cannot be read"):
         chain_job.run(directory, "sgld", num_samples=30)
     assert tree_digest(directory) == digest
 
     (directory / "manifest.json").write_text("{broken")
-    with pytest.raises(vr_mcmc.CheckpointError, match="manifest.json is damaged"):
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"manifest\.json is damaged"):
         chain_job.run(directory, "sgld", num_samples=30)
 
     foreign = tmp_path / "foreign"

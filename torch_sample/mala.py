@@ -14,8 +14,11 @@ __all__ = ["MALA"]
 
 
 class MALA(MetropolisSampler):
-    """Proposal θ' = θ − h·∇U(θ) + √(2hT)·ξ (h = ``lr``), accepted with probability
-    min(1, exp(−(U(θ') − U(θ))/T) · q(θ | θ') / q(θ' | θ)), log q(a | b) = −‖a − b + h∇U(b)‖²/(4hT).
+    """Proposal θ' = θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ (h = ``lr``), accepted with probability
+    min(1, exp(−(U(θ') − U(θ))/T) · q(θ | θ') / q(θ' | θ)), log q(a | b) = −‖a − b + hM⁻¹∇U(b)‖²_M/(4hT),
+    with ‖v‖²_M = vᵀMv. The diagonal inverse mass matrix (preconditioner) M⁻¹ starts at I
+    (``state[p]["inv_mass"]``) and is estimated in Stan's windows by ``adapt(True, num_warmup=...)``,
+    as for `HMC`.
 
     ``step(closure)``; ``stats``: lp (= −U/T at the new state), acceptance_rate, step_size,
     diverging, energy_error ((U' − U)/T of the proposal), n_steps (1), grad_evals (N).
@@ -23,6 +26,7 @@ class MALA(MetropolisSampler):
     """
 
     default_target_accept = 0.574
+    adapts_mass = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> torch.Tensor:
@@ -31,7 +35,8 @@ class MALA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        proposal = self._langevin_proposal(start, cur.grads)
+        inv_mass = self._inv_mass()
+        proposal = self._langevin_proposal(start, cur.grads, inv_mass)
         self._set(proposal)
         new = self._evaluate(closure)
         log_alpha = -math.inf
@@ -40,7 +45,8 @@ class MALA(MetropolisSampler):
             energy_error = (new.potential - cur.potential) / temp
 
             def log_q(a, b, grad_b):  # log q(a | b) up to a constant
-                return -sum(float(((ai - bi + h * gi) ** 2).sum()) for ai, bi, gi in zip(a, b, grad_b)) / (4 * h * temp)
+                return -sum(float(((ai - bi + h * w * gi) ** 2 / w).sum())
+                            for ai, bi, gi, w in zip(a, b, grad_b, inv_mass)) / (4 * h * temp)
 
             log_alpha = -energy_error + log_q(start, proposal, new.grads) - log_q(proposal, start, cur.grads)
         diverging = not new.finite or energy_error > self.max_energy_error

@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._shared import check_number, gaussian_noise, restore_generator, state_from_plain, state_to_plain
-from .adaptation import DualAveraging, WelfordDiagonal, warmup_windows
+from .adaptation import DualAveraging, WelfordDiagonal, terminal_start, warmup_windows
 from .priors import Prior
 
 __all__ = ["MetropolisSampler"]
@@ -67,6 +67,7 @@ class MetropolisSampler(Optimizer):
         self.adapting = False
         self._warmup_step = 0
         self._windows: list[tuple[int, int]] = []
+        self._terminal_start: int | None = None
         self._current: _Point | None = None
         self.stats: dict[str, float] = {}
 
@@ -102,11 +103,12 @@ class MetropolisSampler(Optimizer):
     def _noise(self, p: torch.Tensor) -> torch.Tensor:
         return gaussian_noise(p, self.generator)
 
-    def _langevin_proposal(self, start: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """θ − h·∇U(θ) + √(2hT)·ξ, the move of ULA and MALA's proposal."""
+    def _langevin_proposal(self, start: list[torch.Tensor], grads: list[torch.Tensor],
+                           inv_mass: list[torch.Tensor]) -> list[torch.Tensor]:
+        """θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ, the move of ULA and MALA's proposal (M⁻¹ diagonal)."""
         h = self.step_size
         scale = math.sqrt(2 * h * self.temperature)
-        return [x - h * g + scale * self._noise(x) for x, g in zip(start, grads)]
+        return [x - h * w * g + scale * w.sqrt() * self._noise(x) for x, g, w in zip(start, grads, inv_mass)]
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -185,13 +187,16 @@ class MetropolisSampler(Optimizer):
 
     def adapt(self, on: bool = True, num_warmup: int | None = None) -> None:
         """Start (``on=True``) or end warmup adaptation. During it the step size follows dual averaging
-        toward ``target_accept``; samplers with a mass matrix (HMC) also estimate a diagonal one in
-        Stan's windows when ``num_warmup`` (the planned warmup steps) is given. Ending it sets the step
-        size to the dual-averaged one."""
+        toward ``target_accept``. Given ``num_warmup`` (the planned warmup steps), samplers with a
+        mass matrix (HMC) also estimate a diagonal one in Stan's windows, and the last 100 steps
+        (10% of a short warmup) fine-tune the step size from the averaged one with a small gain, so
+        that the acceptance at the final step size is the target (see `DualAveraging.restart_calm`).
+        Ending it sets the step size to the dual-averaged one."""
         if on:
             self.adapting = True
             self._warmup_step = 0
             self._windows = warmup_windows(num_warmup) if (num_warmup and self.adapts_mass) else []
+            self._terminal_start = terminal_start(num_warmup, self._windows) if num_warmup else None
             self.welford.reset()
             self.dual.restart(self.step_size)
         elif self.adapting:
@@ -214,7 +219,12 @@ class MetropolisSampler(Optimizer):
                         m.copy_(var[offset : offset + m.numel()].reshape(m.shape).to(m.dtype))
                         offset += m.numel()
                     self.welford.reset()
-                    self.dual.restart(self.step_size)
+                    if t != self._terminal_start:
+                        self.dual.restart(self.step_size)
+        if t == self._terminal_start:
+            step = self.dual.final_step_size
+            self.dual.restart_calm(step)
+            self._set_step_size(step)
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -222,7 +232,8 @@ class MetropolisSampler(Optimizer):
         state = state_to_plain(super().state_dict(), self.generator)
         state["adaptation"] = {"dual": self.dual.state_dict(), "welford": self.welford.state_dict(),
                                "adapting": self.adapting, "warmup_step": self._warmup_step,
-                               "windows": list(self._windows)}
+                               "windows": list(self._windows),
+                               "terminal_start": self._terminal_start}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -235,5 +246,6 @@ class MetropolisSampler(Optimizer):
             self.adapting = adaptation["adapting"]
             self._warmup_step = adaptation["warmup_step"]
             self._windows = [tuple(w) for w in adaptation["windows"]]
+            self._terminal_start = adaptation.get("terminal_start")
         restore_generator(self.generator, generator)
         self._current = None  # re-evaluated at the next step, at the loaded parameters

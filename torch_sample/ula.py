@@ -13,7 +13,8 @@ __all__ = ["ULA"]
 
 
 class ULA(MetropolisSampler):
-    """θ ← θ − h·∇U(θ) + √(2hT)·ξ with the exact ∇U from the closure, no Metropolis test (so a
+    """θ ← θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ with the exact ∇U from the closure (M⁻¹ = I unless
+    set in ``state[p]["inv_mass"]``), no Metropolis test (so a
     discretization bias of order h). A step to a non-finite U or ∇U is undone and marked
     ``diverging``. ``stats``: lp, step_size, diverging, n_steps (1), grad_evals (N). Not adapted
     (no acceptance to aim at): ``adapt`` is refused."""
@@ -25,7 +26,7 @@ class ULA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        self._set(self._langevin_proposal(start, cur.grads))
+        self._set(self._langevin_proposal(start, cur.grads, self._inv_mass()))
         new = self._evaluate(closure)
         if new.finite:
             self._finish(new)
