@@ -142,7 +142,7 @@ class _RadLinearFn(torch.autograd.Function):
         d = x.shape[-1]
         saved = compress(x.reshape(-1, 1, d), spec, seed)
         ctx.spec, ctx.seed, ctx.state, ctx.record, ctx.d = spec, seed, state, record, d
-        ctx.x_dim = x.dim()
+        ctx.dtypes = (x.dtype, weight.dtype)
         # Tensors go through save_for_backward (never ctx attributes) so that saved-tensor hooks see them.
         ctx.save_for_backward(saved, weight if ctx.needs_input_grad[0] else None)
         return out
@@ -153,11 +153,12 @@ class _RadLinearFn(torch.autograd.Function):
         if ctx.record:
             ctx.state.closed = True
         grad_x = grad_w = grad_b = None
+        x_dtype, w_dtype = ctx.dtypes  # they differ from grad's under autocast
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(weight.to(grad.dtype))
+            grad_x = grad.matmul(weight.to(grad.dtype)).to(x_dtype)
         g2 = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad_linear(g2.to(saved.dtype), saved, ctx.d, ctx.spec, ctx.seed)
+            grad_w = weight_grad_linear(g2.to(saved.dtype), saved, ctx.d, ctx.spec, ctx.seed).to(w_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(tuple(range(grad.dim() - 1))) if grad.dim() > 1 else grad
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -196,6 +197,7 @@ class _RadConvFn(torch.autograd.Function):
         ctx.spec, ctx.seed, ctx.state, ctx.record = spec, seed, state, record
         ctx.conv = (list(stride), list(padding), list(dilation), groups)
         ctx.x_shape, ctx.bias_shape = x.shape, None if bias is None else list(bias.shape)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(saved, weight)  # the weight is a parameter: it costs no activation memory
         return out
 
@@ -211,6 +213,9 @@ class _RadConvFn(torch.autograd.Function):
             grad, x_hat.to(grad.dtype), weight.to(grad.dtype), ctx.bias_shape, stride, padding, dilation, False,
             [0] * len(stride), groups, [need[0], need[1], need[2]],
         )
+        # Under autocast grad may be in a lower precision than the input and parameters.
+        grads = (grad_x, grad_w, grad_b)
+        grad_x, grad_w, grad_b = (None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
