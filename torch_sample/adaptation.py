@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["DualAveraging", "WelfordDiagonal", "terminal_start", "warmup_windows"]
+__all__ = ["DualAveraging", "WelfordDense", "WelfordDiagonal", "terminal_start", "warmup_windows"]
 
 
 class DualAveraging:
@@ -96,6 +96,27 @@ class WelfordDiagonal:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+class WelfordDense(WelfordDiagonal):
+    """Running mean and covariance (Welford) of the draws, for a dense inverse mass matrix."""
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        if self.mean is None:
+            self.mean, self.m2 = torch.zeros_like(x), torch.zeros(x.numel(), x.numel(), dtype=torch.float64,
+                                                                   device=x.device)
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += torch.outer(delta, x - self.mean)
+
+    def variance(self) -> torch.Tensor:
+        """Stan's regularized covariance: (n/(n+5))·Σ + 1e-3·(5/(n+5))·I."""
+        cov = self.m2 / max(self.n - 1, 1)
+        cov = 0.5 * (cov + cov.T)
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        return (self.n / (self.n + 5.0)) * cov + 1e-3 * (5.0 / (self.n + 5.0)) * eye
 
 
 def warmup_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int | None = None,

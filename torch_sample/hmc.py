@@ -38,8 +38,11 @@ def leapfrog(
 
 class HMC(MetropolisSampler):
     """``num_leapfrog`` leapfrog steps of size ε = ``lr`` from a momentum r ~ N(0, M), then a
-    Metropolis test on H(θ, r) = U(θ)/T + ½ rᵀM⁻¹r. The diagonal inverse mass matrix M⁻¹ starts
-    at I and is estimated in Stan's windows by ``adapt(True, num_warmup=...)``.
+    Metropolis test on H(θ, r) = U(θ)/T + ½ rᵀM⁻¹r. The inverse mass matrix M⁻¹ starts at I and is
+    estimated in Stan's windows by ``adapt(True, num_warmup=...)``: diagonal, or dense over all
+    parameters with ``dense_mass=True`` (small models with correlated parameters). ``jitter=j``
+    draws each iteration's step size uniformly from ε·[1 − j, 1 + j] (Neal 2011, §5.4.2.2): with a
+    fixed εL, directions whose period divides the trajectory length barely move.
 
     ``stats``: lp, acceptance_rate, step_size, diverging (non-finite U/∇U on the path, or an
     energy error above ``max_energy_error``, 1000 as Stan), energy (H at the new state),
@@ -50,15 +53,21 @@ class HMC(MetropolisSampler):
     adapts_mass = True
 
     def __init__(self, params: Iterable, lr: float, num_data: int = 1, *, num_leapfrog: int = 10,
-                 prior: Prior | None = None, temperature: float = 1.0, target_accept: float | None = None,
-                 max_energy_error: float = 1000.0, generator: torch.Generator | None = None):
+                 jitter: float = 0.0, prior: Prior | None = None, temperature: float = 1.0,
+                 target_accept: float | None = None, max_energy_error: float = 1000.0, dense_mass: bool = False,
+                 generator: torch.Generator | None = None):
         if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog < 1:
             raise ValueError(f"num_leapfrog must be an integer >= 1, got {num_leapfrog!r}")
+        if not (isinstance(jitter, (int, float)) and 0 <= jitter < 1):
+            raise ValueError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
         super().__init__(params, lr, num_data, prior=prior, temperature=temperature, target_accept=target_accept,
-                         max_energy_error=max_energy_error, generator=generator)
+                         max_energy_error=max_energy_error, dense_mass=dense_mass, generator=generator)
         self.num_leapfrog = num_leapfrog
+        self.jitter = float(jitter)
 
     def _kinetic(self, momentum: list[torch.Tensor], inv_mass: list[torch.Tensor]) -> float:
+        if self.dense_mass:
+            return 0.5 * self._quad_inv_mass(momentum)
         if len(momentum) == 1 and momentum[0].dim() == 1:  # one flat parameter (a log density's θ): two ops
             return 0.5 * torch.dot(inv_mass[0], momentum[0].square()).item()
         return 0.5 * sum(float((w * m * m).sum()) for w, m in zip(inv_mass, momentum))
@@ -69,11 +78,15 @@ class HMC(MetropolisSampler):
             raise ValueError("HMC.step needs the closure that computes the full-data loss and calls backward")
         cur = self._current_point(closure)
         eps, temp = self.step_size, self.temperature
+        if self.jitter:  # a random ε, independent of the state, breaks the periodic orbits of a fixed εL
+            u = torch.rand((), dtype=torch.float64, generator=self.generator,
+                           device=self.generator.device if self.generator else None)
+            eps *= 1 + self.jitter * (2 * u.item() - 1)
         half = 0.5 * eps / temp
         params = self._params()
         inv_mass = self._inv_mass()
         start = [p.detach().clone() for p in params]
-        momentum = [self._noise(x).div_(w.sqrt()) for x, w in zip(start, inv_mass)]
+        momentum = self._noise_mass_sqrt(start)
         h0 = cur.potential / temp + self._kinetic(momentum, inv_mass)
 
         # The leapfrog steps of `leapfrog`, in place on the parameters and on the momentum (which is ours).
@@ -81,8 +94,12 @@ class HMC(MetropolisSampler):
         for _ in range(self.num_leapfrog):
             for m, g in zip(r, new.grads):
                 m.add_(g, alpha=-half)
-            for p, w, m in zip(params, inv_mass, r):
-                p.addcmul_(w, m, value=eps)
+            if self.dense_mass:
+                for p, v in zip(params, self._times_inv_mass(r)):
+                    p.add_(v, alpha=eps)
+            else:
+                for p, w, m in zip(params, inv_mass, r):
+                    p.addcmul_(w, m, value=eps)
             new = self._evaluate(closure, params)
             if not new.finite:
                 finite = False

@@ -16,9 +16,10 @@ __all__ = ["MALA"]
 class MALA(MetropolisSampler):
     """Proposal θ' = θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ (h = ``lr``), accepted with probability
     min(1, exp(−(U(θ') − U(θ))/T) · q(θ | θ') / q(θ' | θ)), log q(a | b) = −‖a − b + hM⁻¹∇U(b)‖²_M/(4hT),
-    with ‖v‖²_M = vᵀMv. The diagonal inverse mass matrix (preconditioner) M⁻¹ starts at I
-    (``state[p]["inv_mass"]``) and is estimated in Stan's windows by ``adapt(True, num_warmup=...)``,
-    as for `HMC`.
+    with ‖v‖²_M = vᵀMv. The inverse mass matrix (preconditioner) M⁻¹ starts at I and is estimated
+    in Stan's windows by ``adapt(True, num_warmup=...)``, as for `HMC`: diagonal
+    (``state[p]["inv_mass"]``), or dense over all parameters with ``dense_mass=True``
+    (``inv_mass_dense``; for small models with correlated parameters).
 
     ``step(closure)``; ``stats``: lp (= −U/T at the new state), acceptance_rate, step_size,
     diverging, energy_error ((U' − U)/T of the proposal), n_steps (1), grad_evals (N).
@@ -35,8 +36,7 @@ class MALA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        inv_mass = self._inv_mass()
-        proposal = self._langevin_proposal(start, cur.grads, inv_mass)
+        proposal = self._langevin_proposal(start, cur.grads)
         self._set(proposal)
         new = self._evaluate(closure)
         log_alpha = -math.inf
@@ -44,9 +44,9 @@ class MALA(MetropolisSampler):
         if new.finite:
             energy_error = (new.potential - cur.potential) / temp
 
-            def log_q(a, b, grad_b):  # log q(a | b) up to a constant
-                return -sum(float(((ai - bi + h * w * gi) ** 2 / w).sum())
-                            for ai, bi, gi, w in zip(a, b, grad_b, inv_mass)) / (4 * h * temp)
+            def log_q(a, b, grad_b):  # log q(a | b) up to a constant: −‖a − b + hM⁻¹∇U(b)‖²_M / (4hT)
+                drift = self._times_inv_mass(grad_b)
+                return -self._quad_mass([ai - bi + h * d for ai, bi, d in zip(a, b, drift)]) / (4 * h * temp)
 
             log_alpha = -energy_error + log_q(start, proposal, new.grads) - log_q(proposal, start, cur.grads)
         diverging = not new.finite or energy_error > self.max_energy_error

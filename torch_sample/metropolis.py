@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._shared import check_number, gaussian_noise, restore_generator, state_from_plain, state_to_plain
-from .adaptation import DualAveraging, WelfordDiagonal, terminal_start, warmup_windows
+from .adaptation import DualAveraging, WelfordDense, WelfordDiagonal, terminal_start, warmup_windows
 from .priors import Prior
 
 __all__ = ["MetropolisSampler"]
@@ -47,6 +47,7 @@ class MetropolisSampler(Optimizer):
         temperature: float = 1.0,
         target_accept: float | None = None,
         max_energy_error: float = 1000.0,
+        dense_mass: bool = False,
         generator: torch.Generator | None = None,
     ):
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
@@ -63,7 +64,11 @@ class MetropolisSampler(Optimizer):
         self.max_energy_error = check_number("max_energy_error", max_energy_error, 0.0, strict=True)
         self.generator = generator
         self.dual = DualAveraging(float(lr), target_accept or self.default_target_accept)
-        self.welford = WelfordDiagonal()
+        self.dense_mass = bool(dense_mass)
+        self.welford = WelfordDense() if self.dense_mass else WelfordDiagonal()
+        # dense M⁻¹ = Σ over the flattened parameters, and its Cholesky factor (None: M⁻¹ = I)
+        self.inv_mass_dense: torch.Tensor | None = None
+        self._chol: torch.Tensor | None = None
         self.adapting = False
         self._warmup_step = 0
         self._windows: list[tuple[int, int]] = []
@@ -103,12 +108,71 @@ class MetropolisSampler(Optimizer):
     def _noise(self, p: torch.Tensor) -> torch.Tensor:
         return gaussian_noise(p, self.generator)
 
-    def _langevin_proposal(self, start: list[torch.Tensor], grads: list[torch.Tensor],
-                           inv_mass: list[torch.Tensor]) -> list[torch.Tensor]:
-        """θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ, the move of ULA and MALA's proposal (M⁻¹ diagonal)."""
+    # The metric: M⁻¹ is diagonal (``state[p]["inv_mass"]``) or, with ``dense_mass``, a dense Σ
+    # over the flattened parameters (``inv_mass_dense``, Σ = LLᵀ).
+
+    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _unflat(self, vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for t in like:
+            out.append(vector[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
+    def _dense_factor(self, like: list[torch.Tensor]) -> torch.Tensor | None:
+        if not self.dense_mass or self.inv_mass_dense is None:
+            return None
+        if self._chol is None:
+            self._chol = torch.linalg.cholesky(self.inv_mass_dense)
+        return self._chol.to(like[0].dtype)
+
+    def _times_inv_mass(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """M⁻¹v."""
+        chol = self._dense_factor(vs)
+        if chol is None:
+            return [w * v for w, v in zip(self._inv_mass(), vs)]
+        return self._unflat(chol @ (chol.T @ self._flat(vs)), vs)
+
+    def _quad_inv_mass(self, vs: list[torch.Tensor]) -> float:
+        """vᵀM⁻¹v."""
+        chol = self._dense_factor(vs)
+        if chol is None:
+            return sum(float((w * v * v).sum()) for w, v in zip(self._inv_mass(), vs))
+        return float((chol.T @ self._flat(vs)).square().sum())
+
+    def _quad_mass(self, vs: list[torch.Tensor]) -> float:
+        """vᵀMv."""
+        chol = self._dense_factor(vs)
+        if chol is None:
+            return sum(float((v * v / w).sum()) for w, v in zip(self._inv_mass(), vs))
+        return float(torch.linalg.solve_triangular(chol, self._flat(vs)[:, None], upper=False).square().sum())
+
+    def _noise_inv_mass_sqrt(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A draw of N(0, M⁻¹)."""
+        xi = [self._noise(x) for x in like]
+        chol = self._dense_factor(like)
+        if chol is None:
+            return [w.sqrt() * e for w, e in zip(self._inv_mass(), xi)]
+        return self._unflat(chol @ self._flat(xi), like)
+
+    def _noise_mass_sqrt(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A draw of N(0, M) (HMC's momentum)."""
+        xi = [self._noise(x) for x in like]
+        chol = self._dense_factor(like)
+        if chol is None:
+            return [e.div_(w.sqrt()) for w, e in zip(self._inv_mass(), xi)]
+        r = torch.linalg.solve_triangular(chol.T, self._flat(xi)[:, None], upper=True)[:, 0]
+        return [t.clone() for t in self._unflat(r, like)]
+
+    def _langevin_proposal(self, start: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ, the move of ULA and MALA's proposal."""
         h = self.step_size
         scale = math.sqrt(2 * h * self.temperature)
-        return [x - h * w * g + scale * w.sqrt() * self._noise(x) for x, g, w in zip(start, grads, inv_mass)]
+        drift = self._times_inv_mass(grads)
+        noise = self._noise_inv_mass_sqrt(start)
+        return [x - h * d + scale * e for x, d, e in zip(start, drift, noise)]
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -214,10 +278,13 @@ class MetropolisSampler(Optimizer):
                 self.welford.update(torch.cat([p.detach().reshape(-1) for p in self._params()]))
                 if t == end:
                     var = self.welford.variance()
-                    offset = 0
-                    for m in self._inv_mass():
-                        m.copy_(var[offset : offset + m.numel()].reshape(m.shape).to(m.dtype))
-                        offset += m.numel()
+                    if self.dense_mass:
+                        self.inv_mass_dense, self._chol = var, None
+                    else:
+                        offset = 0
+                        for m in self._inv_mass():
+                            m.copy_(var[offset : offset + m.numel()].reshape(m.shape).to(m.dtype))
+                            offset += m.numel()
                     self.welford.reset()
                     if t != self._terminal_start:
                         self.dual.restart(self.step_size)
@@ -233,7 +300,7 @@ class MetropolisSampler(Optimizer):
         state["adaptation"] = {"dual": self.dual.state_dict(), "welford": self.welford.state_dict(),
                                "adapting": self.adapting, "warmup_step": self._warmup_step,
                                "windows": list(self._windows),
-                               "terminal_start": self._terminal_start}
+                               "terminal_start": self._terminal_start, "inv_mass_dense": self.inv_mass_dense}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -247,5 +314,6 @@ class MetropolisSampler(Optimizer):
             self._warmup_step = adaptation["warmup_step"]
             self._windows = [tuple(w) for w in adaptation["windows"]]
             self._terminal_start = adaptation.get("terminal_start")
+            self.inv_mass_dense, self._chol = adaptation.get("inv_mass_dense"), None
         restore_generator(self.generator, generator)
         self._current = None  # re-evaluated at the next step, at the loaded parameters

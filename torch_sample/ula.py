@@ -26,7 +26,7 @@ class ULA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        self._set(self._langevin_proposal(start, cur.grads, self._inv_mass()))
+        self._set(self._langevin_proposal(start, cur.grads))
         new = self._evaluate(closure)
         if new.finite:
             self._finish(new)
