@@ -228,3 +228,23 @@ class TestBadInput:
             sampler.step(lambda: (theta * theta).sum(0).expand(2))
         with pytest.raises(RuntimeError, match="backward"):
             sampler.step(lambda: (theta * theta).sum().detach())
+
+
+def test_compiled_closure_gives_the_eager_loss_and_gradient():
+    """log_density_closure(compile=True) (torch.compile of torch.func.grad_and_value) against eager
+    autograd, for a flat tensor and a dict; the compiled one adds to .grad as backward would."""
+    def log_density(t):
+        return -0.5 * t @ P @ t + torch.log1p(t.square()).sum()
+
+    for as_dict in (False, True):
+        values = []
+        for compile in (False, True):
+            theta = torch.tensor([0.7, -1.3], dtype=torch.float64, requires_grad=True)
+            params = {"t": theta} if as_dict else theta
+            closure = torch_sample.log_density_closure(log_density, params, compile=compile)
+            loss = closure()
+            values.append((loss.detach().clone(), theta.grad.clone()))
+            closure()  # a second call accumulates, as U.backward() would
+            torch.testing.assert_close(theta.grad, 2 * values[-1][1])
+        torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(values[0][1], values[1][1], rtol=1e-12, atol=0)

@@ -87,9 +87,13 @@ class WelfordDiagonal:
         self.m2 += delta * (x - self.mean)
 
     def variance(self) -> torch.Tensor:
-        """Stan's regularized estimate: (n/(n+5))·var + 1e-3·(5/(n+5))."""
+        """A regularized estimate: (n/(n+5))·var + (5/(n+5))·1e-3·mean(var). Stan adds 1e-3 itself,
+        on the unconstrained scale; relative to the variances it does not swamp parameters of scale
+        0.001 (the coefficients of sblrc-blr, whose variance 1e-6 it would make 1.1e-5, forcing
+        steps 3× too small for them and leaving the noise scale σ mixing with an ESS of 5)."""
         var = self.m2 / max(self.n - 1, 1)
-        return (self.n / (self.n + 5.0)) * var + 1e-3 * (5.0 / (self.n + 5.0))
+        floor = 1e-3 * var.mean() + torch.finfo(var.dtype).tiny
+        return (self.n / (self.n + 5.0)) * var + (5.0 / (self.n + 5.0)) * floor
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -112,11 +116,13 @@ class WelfordDense(WelfordDiagonal):
         self.m2 += torch.outer(delta, x - self.mean)
 
     def variance(self) -> torch.Tensor:
-        """Stan's regularized covariance: (n/(n+5))·Σ + 1e-3·(5/(n+5))·I."""
+        """A regularized covariance, shrunk toward its diagonal (positive definite for n ≥ 1):
+        (n/(n+5))·Σ + (5/(n+5))·(diag Σ + 1e-3·mean(diag Σ)·I)."""
         cov = self.m2 / max(self.n - 1, 1)
         cov = 0.5 * (cov + cov.T)
-        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        return (self.n / (self.n + 5.0)) * cov + 1e-3 * (5.0 / (self.n + 5.0)) * eye
+        diag = cov.diagonal()
+        target = torch.diag(diag + 1e-3 * diag.mean() + torch.finfo(cov.dtype).tiny)
+        return (self.n / (self.n + 5.0)) * cov + (5.0 / (self.n + 5.0)) * target
 
 
 def warmup_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int | None = None,
