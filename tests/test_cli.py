@@ -1,4 +1,5 @@
-"""The `vr-mcmc` command: the console script is installed, prints help, and the demo checks itself."""
+"""The `vr-mcmc` command: the console script is installed, prints help, and `check` checks the engine.
+The demo and `summary` are tested in test_demo.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def test_console_script_is_installed_and_prints_help():
     exe = shutil.which("vr-mcmc", path=sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", ""))
     assert exe is not None, "the vr-mcmc console script is not on PATH: was the package installed?"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
-    assert "demo" in result.stdout
+    for command in ("demo", "summary", "check", "memory"):
+        assert command in result.stdout
 
 
 def test_no_command_prints_help(capsys):
@@ -26,17 +28,17 @@ def test_no_command_prints_help(capsys):
     assert "usage: vr-mcmc" in capsys.readouterr().out
 
 
-def test_demo_checks_the_engine_against_the_loop(capsys):
-    assert main(["demo", "--batch-size", "3"]) == 0
+def test_check_compares_the_engine_with_the_loop(capsys):
+    assert main(["check", "--batch-size", "3"]) == 0
     out = capsys.readouterr().out
     assert "OK: largest relative error" in out
     for model in ("MLP", "CNN", "Transformer"):
         assert model in out
 
 
-def test_demo_rejects_a_bad_batch_size():
+def test_check_rejects_a_bad_batch_size():
     with pytest.raises(SystemExit):
-        main(["demo", "--batch-size", "0"])
+        main(["check", "--batch-size", "0"])
 
 
 def test_module_runs_as_script():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,14 @@ from .per_example.reference import loop_per_example_grads
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Samples a Bayesian MLP on scikit-learn's digits with SGLD, SAGA-LD and SVRG-LD (4 chains each, through
+    vr_mcmc.sample); prints ArviZ summaries and a comparison table, writes netCDF results and plots to --out."""
+    from . import demo
+
+    return demo.main(args)
+
+
+def _check(args: argparse.Namespace) -> int:
     """Per-example gradients of three networks, checked against a loop of single-example backward passes."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -27,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
         "Transformer block": (TransformerClassifier(), torch.randint(0, 50, (b, 12))),
     }
     print(f"vr-mcmc {__version__}: per-example gradients, batch {b}, float64, device {device}")
-    print("(the sampling demo, SGLD / SAGA-LD / SVRG-LD on a real data set, lands with the chain manager)\n")
+    print()
     print(f"{'model':<22}{'params':>10}{'max rel. error':>16}{'engine s':>10}{'loop s':>9}")
     worst = 0.0
     for name, (model, x) in cases.items():
@@ -84,6 +95,133 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_run(path: Path):
+    import arviz as az
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return az.from_netcdf(str(path))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    """Diagnostics of a saved run (a netCDF file written by vr_mcmc.sample's checkpoint, the demo, or
+    az.InferenceData.to_netcdf): ArviZ summary of the posterior, divergences, sampler statistics, LOO, attributes."""
+    import arviz as az
+    import numpy as np
+    import pandas as pd
+
+    from .demo import _group, _group_names
+
+    path = Path(args.file)
+    if not path.exists():
+        print(f"vr-mcmc summary: {path}: no such file", file=sys.stderr)
+        return 2
+    if path.is_dir():
+        hint = " (a checkpoint directory? its results are in results.nc)" if (path / "results.nc").exists() else ""
+        print(f"vr-mcmc summary: {path} is a directory, not a netCDF file{hint}", file=sys.stderr)
+        return 2
+    try:
+        idata = _read_run(path)
+        groups = _group_names(idata)
+    except Exception as exc:  # whatever the netCDF/HDF5 readers raise for a file that is not theirs
+        print(f"vr-mcmc summary: cannot read {path} as an ArviZ netCDF file ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
+    post = _group(idata, "posterior")
+    if post is None or not post.data_vars:
+        print(f"vr-mcmc summary: {path} holds no posterior draws (groups: {', '.join(groups) or 'none'})",
+              file=sys.stderr)
+        return 2
+
+    print(f"{path}: groups {', '.join(groups)}")
+    attrs = dict(post.attrs)
+    chains, draws = post.sizes.get("chain", 1), post.sizes.get("draw", 0)
+    line = f"{chains} chains x {draws} draws"
+    if "sampling_time" in attrs:
+        line += f", sampling time {float(attrs.pop('sampling_time')):.1f} s"
+    if "tuning_steps" in attrs:
+        line += f", {attrs.pop('tuning_steps')} warmup steps"
+    print(line)
+    if attrs:
+        print("attributes: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(attrs.items())))
+
+    def extra_dims(var) -> tuple[int, ...]:
+        return tuple(size for dim, size in var.sizes.items() if dim not in ("chain", "draw"))
+
+    names = list(post.data_vars)
+    if args.var:
+        unknown = [v for v in args.var if v not in names]
+        if unknown:
+            print(f"vr-mcmc summary: no posterior variable {unknown}; the posterior has {names}", file=sys.stderr)
+            return 2
+        chosen = list(args.var)
+    else:
+        total = sum(math.prod(extra_dims(post[v])) for v in names)
+        chosen = names if total <= args.max_quantities else [v for v in names if not extra_dims(post[v])]
+    skipped = [v for v in names if v not in chosen]
+    if chosen:
+        print(f"\n=== posterior: az.summary of {len(chosen)} variable(s)")
+        with warnings.catch_warnings(), pd.option_context("display.width", 160, "display.max_rows", 500,
+                                                          "display.max_columns", 20):
+            warnings.simplefilter("ignore")
+            print(az.summary(post[chosen], round_to=3).to_string())
+    if skipped:
+        count = sum(math.prod(extra_dims(post[v])) for v in skipped)
+        print(f"\nskipped {len(skipped)} non-scalar variable(s), {count:,} quantities (more than --max-quantities "
+              f"{args.max_quantities}; choose with --var NAME); their worst diagnostics:")
+        for v in skipped:
+            shape = "x".join(map(str, extra_dims(post[v])))
+            da = post[[v]].astype(np.float64)
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                rhat = float(np.nanmax(az.rhat(da)[v].values)) if chains > 1 and draws >= 4 else float("nan")
+                ess = float(np.nanmin(az.ess(da, method="bulk")[v].values)) if draws >= 4 else float("nan")
+            print(f"  {v} [{shape}]: max R-hat {rhat:.3f}, min bulk ESS {ess:.0f}")
+
+    stats = _group(idata, "sample_stats")
+    if stats is not None and stats.data_vars:
+        print("\n=== sample_stats (mean per chain)")
+        if "diverging" in stats:
+            div = stats["diverging"].values.astype(bool)
+            per_chain = ", ".join(str(int(d)) for d in div.reshape(div.shape[0], -1).sum(1))
+            print(f"divergences: {int(div.sum())} of {div.size} draws (per chain: {per_chain})")
+        else:
+            print("divergences: none recorded (the sampler records no 'diverging' statistic)")
+        table = {k: stats[k].values.reshape(stats[k].shape[0], -1).astype(np.float64).mean(1)
+                 for k in stats.data_vars if k != "diverging" and stats[k].ndim == 2}
+        if table:
+            frame = pd.DataFrame(table, index=[f"chain {c}" for c in range(chains)]).T
+            with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
+                print(frame.to_string())
+    else:
+        print("\nno sample_stats group")
+
+    if _group(idata, "log_likelihood") is not None:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loo = az.loo(idata)
+            print(f"\n=== PSIS-LOO over the log_likelihood group: elpd_loo {float(loo['elpd_loo']):.2f} "
+                  f"(se {float(loo['se']):.2f}), p_loo {float(loo['p_loo']):.2f}, "
+                  f"{int((np.asarray(loo['pareto_k']) > 0.7).sum())} of {np.asarray(loo['pareto_k']).size} "
+                  "Pareto k above 0.7")
+            if caught:
+                first = str(caught[0].message).split(". ")[0]
+                print(f"({len(caught)} warning(s) from az.loo: {first})")
+        except Exception as exc:
+            print(f"\n(az.loo failed: {type(exc).__name__}: {exc})")
+    warm = [g for g in groups if g.startswith("warmup_")]
+    if warm:
+        print(f"\nwarmup draws are saved too ({', '.join(warm)}); the summary above is of the posterior draws")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vr-mcmc",
@@ -91,11 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vr-mcmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the demonstration job", description=_demo.__doc__)
-    demo.add_argument("--batch-size", type=int, default=32, help="examples per batch (default 32)")
-    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    demo.add_argument("--seed", type=int, default=0)
+    from .demo import add_arguments
+
+    demo = sub.add_parser("demo", help="sample a Bayesian MLP with SGLD, SAGA-LD, SVRG-LD; summaries, files, plots",
+                          description=_demo.__doc__)
+    add_arguments(demo)
     demo.set_defaults(func=_demo)
+
+    summary = sub.add_parser("summary", help="diagnostics of a saved run (netCDF)", description=_summary.__doc__)
+    summary.add_argument("file", help="a netCDF file, e.g. vr_mcmc_demo/sgld.nc or CHECKPOINT_DIR/results.nc")
+    summary.add_argument("--var", nargs="+", default=None, help="posterior variables to summarize (default: all, "
+                         "or only the scalars when there are more than --max-quantities)")
+    summary.add_argument("--max-quantities", type=int, default=40,
+                         help="summarize every quantity up to this many (default 40)")
+    summary.set_defaults(func=_summary)
+
+    check = sub.add_parser("check", help="check per-example gradients against a loop of single-example backwards",
+                           description=_check.__doc__)
+    check.add_argument("--batch-size", type=int, default=32, help="examples per batch (default 32)")
+    check.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=_check)
 
     memory = sub.add_parser(
         "memory", help="gradient-table memory of each storage strategy", description=_memory.__doc__
