@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import torch_sample
 import vr_mcmc
+import vr_mcmc.data
 
 N, D = 120, 3
 _gen = torch.Generator().manual_seed(0)
@@ -45,7 +46,16 @@ def hmc(model: torch.nn.Module) -> torch.optim.Optimizer:
                             prior=torch_sample.priors.Normal(2.0))
 
 
-SAMPLERS = {"sgld": sgld, "sagald": sagald, "hmc": hmc}
+def svrgld_sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SVRG at temperature 0 (deterministic given the batches)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(vr_mcmc.data.IndexedDataset(TensorDataset(X, Y)), batch_size=40)
+    return torch_sample.SVRGLD(model.parameters(), lr=2e-3, num_data=N, snapshot_every=6, loader=loader,
+                               loss_fn=lambda x, y: loss_fn(model, (x, y)), temperature=0.0)
+
+
+SAMPLERS = {"sgld": sgld, "sagald": sagald, "hmc": hmc, "svrg": svrgld_sgd}
 
 
 def run(checkpoint=None, sampler="sgld", num_samples=300, **kw):

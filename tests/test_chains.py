@@ -107,6 +107,31 @@ def test_hmc_draws_match_the_in_loop_sampler(hmc_run):
     np.testing.assert_allclose(hmc_run.posterior["bias"].values[0, :, 0], bias, rtol=0, atol=1e-6)
 
 
+def test_closure_estimators_get_an_lbfgs_style_closure():
+    """SVRG-LD (T = 0) through the driver equals the documented loop: step(closure, indices=idx) with a
+    closure that zeroes the gradients, computes the batch loss and calls backward."""
+    from vr_mcmc.chains import _IndexStream
+
+    idata = chain_job.run(None, "svrg", num_chains=1, num_warmup=0, num_samples=15)
+    torch.manual_seed(3)
+    model = chain_job.model_fn()
+    sampler = chain_job.svrgld_sgd(model)
+    stream = _IndexStream(chain_job.N, 20, 3 * 7919)
+    weights = []
+    for _ in range(15):
+        idx = stream.next()
+
+        def closure(idx=idx):
+            sampler.zero_grad()
+            loss = chain_job.loss_fn(model, (chain_job.X[idx], chain_job.Y[idx]))
+            loss.backward()
+            return loss
+
+        sampler.step(closure, indices=idx)
+        weights.append(model.weight.detach().clone())
+    np.testing.assert_allclose(idata.posterior["weight"].values[0], torch.stack(weights).numpy(), rtol=0, atol=1e-6)
+
+
 def test_checkpointed_run_equals_in_memory_run_and_is_read_back(tmp_path):
     in_memory = chain_job.run(None, "sagald", num_samples=60)
     on_disk = chain_job.run(tmp_path / "run", "sagald", num_samples=60)

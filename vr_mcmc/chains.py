@@ -300,19 +300,20 @@ def _run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
             else:
                 idx = stream.next()
                 batch = fetch(idx)
-                sampler.zero_grad()
-                loss = loss_fn(model, batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError("loss_fn(model, batch) must return the batch mean NLL as a one-element tensor")
-                loss.backward()
-                estimator = getattr(sampler, "estimator", None)
-                closure = None
-                if getattr(estimator, "needs_closure", False):
-                    def closure(batch=batch):
-                        out = loss_fn(model, batch)
-                        out.backward()
-                        return out
-                sampler.step(closure, indices=idx, loss=loss.detach())
+
+                def closure(batch=batch):  # as torch.optim.LBFGS's: zero, loss, backward
+                    sampler.zero_grad()
+                    out = loss_fn(model, batch)
+                    if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                        raise TypeError("loss_fn(model, batch) must return the batch mean NLL as a one-element tensor")
+                    out.backward()
+                    return out
+
+                if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
+                    sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
+                else:
+                    loss = closure()
+                    sampler.step(indices=idx, loss=loss.detach())
             step += 1
             if closure_sampler and step == num_warmup and num_warmup > 0:
                 sampler.adapt(False)
@@ -487,6 +488,9 @@ def sample(
             if not persistent:
                 return _in_memory(directory, num_chains, attrs, observed)
             _merge(directory, num_chains, directory / RESULTS_FILE, run_attrs(**attrs), observed)
+            for chain in range(num_chains):  # merged: the blocks would only double the disk used
+                for warmup in (False, True):
+                    _ChainBlocks(directory, chain, warmup).drop_from(0)
         return _open_results(directory / RESULTS_FILE)
     finally:
         if tmp_dir is not None:
