@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .recorder import GROUPS, Recorder, dataset, run_attrs, to_arviz
+from .recorder import GROUPS, Recorder, arviz_major, dataset, observed_dataset, run_attrs, to_arviz
 
 __all__ = ["CheckpointError", "sample"]
 
@@ -139,6 +139,14 @@ class _ChainBlocks:
                 p.unlink()
 
 
+def _block_length(path: Path, group: str) -> int:
+    """Draws in one block file (its ``draw`` dimension), without reading the data."""
+    import h5netcdf
+
+    with h5netcdf.File(path, "r") as f:
+        return f.groups[group].dimensions["draw"].size if group in f.groups else 0
+
+
 def _read_group(path: Path, group: str) -> dict[str, np.ndarray]:
     import h5netcdf
 
@@ -168,7 +176,7 @@ def _merge(directory: Path, num_chains: int, out: Path, attrs: dict[str, Any],
                 first = _read_group(chains[0][0], group)
                 if not first:
                     continue
-                lengths = [sum(len(next(iter(_read_group(p, group).values()))) for p in paths) for paths in chains]
+                lengths = [sum(_block_length(p, group) for p in paths) for paths in chains]
                 n = min(lengths)
                 g = dst.create_group(("warmup_" if warmup else "") + group)
                 g.dimensions["chain"] = num_chains
@@ -400,11 +408,11 @@ def _prepare_directory(directory: Path, manifest: dict[str, Any]) -> bool:
 
 
 def _open_results(path: Path) -> Any:
+    """The merged results, opened lazily, as `to_arviz` would return them."""
     import arviz
+    import xarray as xr
 
-    if int(arviz.__version__.split(".")[0]) >= 1:
-        import xarray as xr
-
+    if arviz_major() >= 1:
         return xr.open_datatree(path, engine="h5netcdf")
     return arviz.from_netcdf(path)
 
@@ -499,7 +507,6 @@ def sample(
 
 def _in_memory(directory: Path, num_chains: int, attrs: dict[str, Any], observed: Mapping[str, np.ndarray]) -> Any:
     """Reads the chains' blocks into memory (a run without ``checkpoint``) and builds the ArviZ object."""
-    import xarray as xr
 
     groups = {}
     for warmup in (False, True):
@@ -517,8 +524,7 @@ def _in_memory(directory: Path, num_chains: int, attrs: dict[str, Any], observed
                 groups[("warmup_" if warmup else "") + group] = dataset(
                     {k: np.stack([a[:n] for a in v]) for k, v in columns.items()})
     if observed:
-        groups["observed_data"] = xr.Dataset(
-            {k: (tuple(f"{k}_dim_{i}" for i in range(v.ndim)), v) for k, v in observed.items()})
+        groups["observed_data"] = observed_dataset(observed)
     return to_arviz(groups, **attrs)
 
 

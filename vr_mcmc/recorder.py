@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-__all__ = ["DEFAULT_RECORD_LIMIT", "Recorder", "run_attrs", "to_arviz"]
+__all__ = ["DEFAULT_RECORD_LIMIT", "Recorder", "observed_dataset", "run_attrs", "to_arviz"]
 
 DEFAULT_RECORD_LIMIT = 10_000
 GROUPS = ("posterior", "sample_stats", "log_likelihood")
@@ -164,8 +164,7 @@ class Recorder:
             if data:
                 groups[group] = dataset(data, chains)
         if self.observed_data:
-            groups["observed_data"] = xr.Dataset(
-                {k: (tuple(f"{k}_dim_{i}" for i in range(v.ndim)), v) for k, v in self.observed_data.items()})
+            groups["observed_data"] = observed_dataset(self.observed_data)
         return to_arviz(groups, **{**self.attrs, **attrs})
 
 
@@ -182,7 +181,13 @@ def dataset(data: Mapping[str, np.ndarray], chains: Sequence[int] | None = None)
     return ds.assign_coords(coords)
 
 
-def _arviz_major() -> int:
+def observed_dataset(observed: Mapping[str, np.ndarray]) -> xr.Dataset:
+    """{name: array} -> the observed_data Dataset, dims ``<name>_dim_k``."""
+    return xr.Dataset({k: (tuple(f"{k}_dim_{i}" for i in range(v.ndim)), v) for k, v in observed.items()})
+
+
+def arviz_major() -> int:
+    """The installed ArviZ's major version (0: InferenceData; 1: xarray.DataTree)."""
     import arviz
 
     return int(arviz.__version__.split(".")[0])
@@ -205,7 +210,7 @@ def to_arviz(groups: Mapping[str, xr.Dataset], **attrs: Any) -> Any:
     base = run_attrs(**attrs)
     for name, ds in groups.items():
         ds.attrs.update(base if name != "observed_data" else {k: base[k] for k in ("created_at", "inference_library")})
-    if _arviz_major() >= 1:
+    if arviz_major() >= 1:
         return xr.DataTree.from_dict(dict(groups))
     import arviz
 
