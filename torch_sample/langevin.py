@@ -75,7 +75,19 @@ class LangevinSampler(Optimizer):
 
     After each step ``stats`` holds ``step_size``, ``grad_evals`` (per-example gradients computed
     this step; NaN when the batch size is unknown), ``lp`` (the minibatch estimate of log π up to
-    a constant, −(N·loss + (−log p(θ))), when the loss is known) and estimator-specific entries.
+    a constant, −(N·loss + (−log p(θ))), when the loss is known), ``noise_ratio`` and
+    estimator-specific entries.
+
+    ``noise_ratio`` = h·Var(v)/(2(1−μ)·T·P): the variance the estimate's noise adds to θ in a step
+    over the variance of the injected noise, with Var(v) the trace of the estimator's covariance,
+    estimated from the batch's per-example gradients (for SGLD (N²/B)(1 − B/N)·tr Cov(g_i), for
+    SAGA-LD the same with g_i − h_i, for SVRG-LD/SGLD-CV with g_i(θ) − g_i(θ̃); see
+    `vr_mcmc.estimators.noise`) and P the number of parameters it covers. It needs ``engine=`` (a
+    `vr_mcmc.per_example.PerExampleGradients` on the model; SAGA-LD has one anyway) and a batch of
+    at least two; otherwise it is NaN, and it never fails a step. Near 0, the sampler's own noise
+    dominates and SG-MCMC is close to the exact Langevin diffusion: variance reduction cannot help.
+    Of order 1 or more, the chain is mostly SGD noise (posterior too wide): use a variance-reduced
+    estimator or a smaller step.
     """
 
     def __init__(
@@ -106,9 +118,7 @@ class LangevinSampler(Optimizer):
         defaults = dict(lr=lr, prior=prior, temperature=temperature, momentum=momentum, nesterov=nesterov)
         super().__init__(params, defaults)
         self.estimator = estimator if estimator is not None else Minibatch()
-        if engine is not None:
-            if not hasattr(self.estimator, "engine"):
-                raise ValueError(f"engine= is used by table estimators (SAGA, SAG), not by {self.estimator!r}")
+        if engine is not None:  # the table's source for SAGA; for the others, the noise_ratio diagnostic
             self.estimator.engine = engine
         if not self.estimator.unbiased and any(g["temperature"] > 0 for g in self.param_groups):
             raise ValueError(f"{self.estimator!r} is biased and fit for optimization only: use temperature=0, or "
@@ -188,13 +198,36 @@ class LangevinSampler(Optimizer):
                             momentum=group["momentum"], nesterov=group["nesterov"], generator=self.generator)
         evals = info.pop("grad_evals", None)
         self.stats = {"step_size": float(self.param_groups[0]["lr"]),
-                      "grad_evals": float("nan") if evals is None else float(evals)}
+                      "grad_evals": float("nan") if evals is None else float(evals),
+                      "noise_ratio": self._noise_ratio(info.pop("noise_var", None))}
         if loss is not None:
             b = None if idx is None else idx.numel()
             nll = float(loss) * (self.num_data if self.loss_reduction == "mean" else self.num_data / (b or math.nan))
             self.stats["lp"] = -(nll + neg_log_prior)
         self.stats.update({k: float(v) for k, v in info.items()})
         return loss
+
+    def _noise_ratio(self, noise_var: torch.Tensor | None) -> float:
+        """Σ_p h_p²·Var_p / Σ_p 2(1−μ_p)·h_p·T_p·n_p over the parameters with an estimate: the variance the
+        gradient estimate's noise adds to θ in one step over the variance of the injected noise
+        (``noise_var`` per trainable parameter, from the estimator). NaN where it cannot be estimated."""
+        if noise_var is None:
+            return math.nan
+        num = den = 0.0
+        k = 0
+        for group in self.param_groups:
+            h, temp, mu = group["lr"], group["temperature"], group["momentum"]
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                var = float(noise_var[k])
+                k += 1
+                if math.isfinite(var):
+                    num += h * h * var
+                    den += 2.0 * (1.0 - mu) * h * temp * p.numel()
+        if den == 0.0:
+            return math.inf if num > 0 else math.nan
+        return num / den
 
     def initialize(self, loader: Iterable, loss_fn: Callable[..., torch.Tensor]) -> None:
         """Fill the estimator's table by one pass over ``loader`` (SAGA/SAG only)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -43,7 +44,9 @@ class SGLD(LangevinSampler):
         nesterov: bool = False,
         loss_reduction: str = "mean",
         estimator: Estimator | None = None,
+        engine: Any = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__(params, lr, num_data, estimator, prior=prior, temperature=temperature, momentum=momentum,
-                         nesterov=nesterov, loss_reduction=loss_reduction, generator=generator)
+                         nesterov=nesterov, loss_reduction=loss_reduction, engine=engine,
+                         generator=generator)

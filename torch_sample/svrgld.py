@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -49,8 +50,9 @@ class SVRGLD(LangevinSampler):
         momentum: float = 0.0,
         nesterov: bool = False,
         loss_reduction: str = "mean",
+        engine: Any = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__(params, lr, num_data, SVRG(snapshot_every, loader=loader, loss_fn=loss_fn), prior=prior,
                          temperature=temperature, momentum=momentum, nesterov=nesterov, loss_reduction=loss_reduction,
-                         generator=generator)
+                         engine=engine, generator=generator)

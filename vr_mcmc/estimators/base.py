@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from ..per_example import PerExampleError, PerExampleGradient
 
 __all__ = ["Estimator", "batch_sum", "grad_or_zeros"]
 
@@ -28,7 +31,14 @@ class Estimator:
     On entry ``p.grad`` holds the gradient of the minibatch loss (the batch *mean* NLL, or the
     sum with ``loss_reduction="sum"``) at the current θ; on exit it holds the estimate. Samplers
     call `bind` once, then `estimate` each step.
+
+    ``engine``: a `vr_mcmc.per_example.PerExampleGradients` on the model, or None. Table estimators
+    (SAGA) need it; for the others it is optional and gives the ``noise_var`` entry of the info:
+    per parameter, the estimated variance of the estimate's noise (`vr_mcmc.estimators.noise`),
+    from which samplers report ``noise_ratio``.
     """
+
+    engine = None
 
     needs_indices: bool = False  # step(indices=...) is required
     needs_closure: bool = False  # step(closure) is required
@@ -42,6 +52,25 @@ class Estimator:
     def estimate(self, indices: torch.Tensor | None, closure: Callable[[], Any] | None) -> dict[str, Any]:
         """Overwrite ``p.grad`` with the estimate; return per-step info (``grad_evals``, ...)."""
         raise NotImplementedError
+
+    def _per_example(self, required: bool = False) -> list[PerExampleGradient | None] | None:
+        """The engine's per-example gradients of the last batch, aligned with ``self.params`` (None for
+        parameters outside the engine's model); None without an engine. Unless ``required``, an engine
+        that cannot give them costs the diagnostic (a one-time warning), never the step."""
+        if self.engine is None:
+            return None
+        try:
+            reps = self.engine.collect()
+        except PerExampleError as exc:
+            if required:
+                raise
+            if not getattr(self, "_warned_diagnostic", False):
+                self._warned_diagnostic = True
+                warnings.warn(f"no per-example gradients for the noise_ratio diagnostic ({exc}); it reads NaN",
+                              stacklevel=4)
+            return None
+        names = {id(p): n for n, p in self.engine.parameter_names.items()}
+        return [reps.get(names.get(id(p), "")) for p in self.params]
 
     def _scale(self, batch_size: int | None) -> float:
         """Factor turning the batch loss's gradient into an estimate of the full sum."""

@@ -7,10 +7,13 @@ from typing import Any
 
 import torch
 
+from ..per_example.representations import combine
+
 # Randomized-autodiff modes (no-ops without randomized layers); vr_mcmc.rad depends on per_example only: no cycle.
 from ..rad.context import exact as rad_exact
 from ..rad.context import repeat_last_pattern
 from .base import Estimator, batch_sum, grad_or_zeros
+from .noise import sampling_variance
 
 __all__ = ["SVRG", "ControlVariate"]
 
@@ -23,7 +26,8 @@ class ControlVariate(Estimator):
     ``loader``, which yields ``(idx, *data)`` batches covering the data once (a DataLoader over
     a `vr_mcmc.data.IndexedDataset`); ``loss_fn(*data)`` returns a batch's loss as
     backpropagated in training. Each step calls the step's closure once more, at θ̃, for
-    Σ_{i∈S} g_i(θ̃): 2B gradient evaluations a step.
+    Σ_{i∈S} g_i(θ̃): 2B gradient evaluations a step. ``engine=`` (optional, on the model) gives the
+    ``noise_var`` diagnostic from the per-example gradients at θ and θ̃.
 
     With randomized layers (`vr_mcmc.rad`) the full-gradient pass runs exact and the closure at θ̃
     reuses the random patterns of the closure at θ, so the estimate stays unbiased and its extra
@@ -38,7 +42,9 @@ class ControlVariate(Estimator):
         *,
         loader: Iterable | None = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
+        engine: Any = None,
     ):
+        self.engine = engine
         if loader is None or loss_fn is None:
             raise ValueError(
                 f"{type(self).__name__} needs loader= (yielding (idx, *data) over the whole data set) and loss_fn= "
@@ -106,6 +112,7 @@ class ControlVariate(Estimator):
         b = None if indices is None else int(indices.numel())
         info: dict[str, Any] = {"refreshed": False}
         evals = 0
+        here_reps = self._per_example()  # before the full-gradient pass replaces the engine's batch
         if self._refresh_due():
             self.centre = self._new_centre()
             at_centre = all(torch.equal(c, p) for c, p in zip(self.centre, self.params))
@@ -117,11 +124,14 @@ class ControlVariate(Estimator):
                     self._swap(saved)
             evals += self.num_data
             info["refreshed"] = True
-            if at_centre:  # θ = θ̃: the correction vanishes, v = μ̃
+            if at_centre:  # θ = θ̃: the correction vanishes, v = μ̃ (no noise)
                 for p, mu in zip(self.params, self.full_grad):
                     p.grad = mu.clone()
                 self.steps += 1
                 info["grad_evals"] = None if b is None else b + evals
+                if here_reps is not None:
+                    info["noise_var"] = torch.tensor([0.0 if r is not None else float("nan") for r in here_reps],
+                                                     dtype=torch.float64)
                 return info
         scale = self._scale(b)
         here = [grad_or_zeros(p).clone() for p in self.params]
@@ -129,8 +139,12 @@ class ControlVariate(Estimator):
         try:
             with torch.enable_grad(), repeat_last_pattern():  # the random patterns of the closure at θ
                 closure()
+            centre_reps = None if here_reps is None else self._per_example()
         finally:
             self._swap(saved)
+        if here_reps is not None and centre_reps is not None:
+            diffs = [None if a is None or c is None else combine([a, c * -1.0]) for a, c in zip(here_reps, centre_reps)]
+            info["noise_var"] = sampling_variance(diffs, [None] * len(diffs), self.num_data)
         for p, g, mu in zip(self.params, here, self.full_grad):
             g_centre = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = mu + (g - g_centre) * scale
@@ -159,11 +173,11 @@ class SVRG(ControlVariate):
     (one full-gradient pass each time): v = μ̃ + (N/B)·Σ_{i∈S}(g_i(θ) − g_i(θ̃))."""
 
     def __init__(self, snapshot_every: int, *, loader: Iterable | None = None,
-                 loss_fn: Callable[..., torch.Tensor] | None = None):
+                 loss_fn: Callable[..., torch.Tensor] | None = None, engine: Any = None):
         if not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 1:
             raise ValueError(f"snapshot_every must be a positive integer (steps between snapshots), got "
                              f"{snapshot_every!r}")
-        super().__init__(None, loader=loader, loss_fn=loss_fn)
+        super().__init__(None, loader=loader, loss_fn=loss_fn, engine=engine)
         self.snapshot_every = snapshot_every
 
     def _refresh_due(self) -> bool:

@@ -11,6 +11,7 @@ import torch
 from ..per_example import PerExampleGradients
 from ..storage import GradientTable
 from .base import Estimator, batch_sum, grad_or_zeros
+from .noise import sampling_variance
 
 __all__ = ["SAG", "SAGA"]
 
@@ -116,6 +117,8 @@ class SAGA(Estimator):
             scale = self.num_data / b
         sums = {}
         total = self.table.total
+        if not self._row_scale_is_one:  # SAGA's noise: the spread of g_j − h_j over the batch's rows
+            diffs = self.table.row_differences(indices, reps)
         for name, p in self.covered:
             g = grad_or_zeros(p)
             s = batch_sum(g, b, self.loss_reduction)
@@ -127,8 +130,24 @@ class SAGA(Estimator):
         minibatch = self._scale(b)
         for p in self.uncovered:
             grad_or_zeros(p).mul_(minibatch)
+        info = {"grad_evals": b}
+        if not self._row_scale_is_one:
+            names = [n for n, _ in self.covered]
+            var = sampling_variance([diffs[n] for n in names], [sums[n] - old[n] for n in names], self.table.num_rows)
+            info["noise_var"] = self._align(var)
         self.table.update(indices, reps, sums)
-        return {"grad_evals": b}
+        return info
+
+    def _align(self, covered: torch.Tensor) -> torch.Tensor:
+        """Per-covered-parameter values placed in the order of ``self.params`` (NaN for the uncovered)."""
+        if not self.uncovered:
+            return covered
+        position = {id(p): k for k, (_, p) in enumerate(self.covered)}
+        out = torch.full((len(self.params),), float("nan"), dtype=covered.dtype)
+        for k, p in enumerate(self.params):
+            if id(p) in position:
+                out[k] = covered[position[id(p)]]
+        return out
 
     @torch.no_grad()
     def initialize(self, loader: Iterable, loss_fn: Callable[..., torch.Tensor]) -> None:

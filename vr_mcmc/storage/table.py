@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data import Partition
 from ..per_example import PerExampleGradient
+from ..per_example.representations import combine
 from .blocks import merge_examples
 from .planner import RowLayout, available_bytes, strategy_bytes
 from .stores import DenseStore, FactoredStore, LowRankStore, SparseStore, Store
@@ -231,6 +232,21 @@ class GradientTable:
         for n, ok in zip(self.stores, finite):
             if not ok:
                 self._recompute(n)
+
+    def row_differences(
+        self, indices: torch.Tensor, grads: Mapping[str, PerExampleGradient]
+    ) -> dict[str, PerExampleGradient]:
+        """Per parameter, G_j − h_j for the rows of a batch: its per-example gradients (merged into
+        blocks with partition sampling) minus the rows as stored, one entry per row, not materialized
+        where the layouts allow (SAGA's noise diagnostic). Call it before ``update``."""
+        rows, position = self._rows(indices)
+        if position is not None:
+            grads = {n: merge_examples(grads[n], position.to(grads[n].device), rows.numel(), self.block_size)
+                     for n in self.params}
+        if not self.stores:
+            return {n: grads[n] for n in self.params}
+        rows = rows.to(self.device)
+        return {n: combine([grads[n], store.rows_rep(rows) * -1.0]) for n, store in self.stores.items()}
 
     def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ of the stored rows of a batch's examples (with partition sampling: of its blocks)."""

@@ -1,0 +1,49 @@
+"""The variance of an estimator's noise, estimated from the per-example gradients of the batch.
+
+Every estimator of Σ_{j=1..R} ∇ℓ_j that the samplers use has the form c + (R/b)·Σ_{j∈S} d_j, with S
+b rows drawn uniformly without replacement from R (examples, or partition blocks) and c fixed given
+the past: d_j = g_j for the minibatch estimate, g_j − h_j for SAGA (h_j the stored row),
+g_j(θ) − g_j(θ̃) for SVRG and the control variate. Its variance (trace, per parameter) is
+
+    Var = R²/b · (1 − b/R) · s²,    s² = (Σ_{j∈S} ‖d_j‖² − ‖Σ_{j∈S} d_j‖²/b) / (b − 1),
+
+with s² the batch's unbiased estimate of the rows' variance (the finite-population correction
+1 − b/R makes it exact for sampling without replacement). Samplers turn it into ``noise_ratio``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..per_example import PerExampleGradient
+
+__all__ = ["sampling_variance"]
+
+
+def sampling_variance(
+    diffs: Sequence[PerExampleGradient | None], sums: Sequence[torch.Tensor | None], num_rows: int
+) -> torch.Tensor:
+    """Per parameter, the estimated variance (trace) of (R/b)·Σ_{j∈S} d_j, float64 ``[len(diffs)]``.
+
+    ``diffs[p]``: the b rows d_j of parameter p (a representation), or None where there is none (NaN);
+    ``sums[p]``: Σ_j d_j if the caller has it (else computed). NaN for a batch of one row.
+    """
+    out = torch.full((len(diffs),), float("nan"), dtype=torch.float64)
+    values = []
+    where = []
+    for k, (rep, total) in enumerate(zip(diffs, sums)):
+        if rep is None:
+            continue
+        b = rep.batch_size
+        if b < 2:
+            continue
+        total = rep.sum() if total is None else total
+        sq = rep.sq_norms().to(torch.float64).sum()
+        s2 = (sq - total.to(torch.float64).square().sum() / b) / (b - 1)
+        values.append(s2.clamp_min(0.0) * (num_rows**2 / b) * (1.0 - b / num_rows))
+        where.append(k)
+    if values:
+        out[where] = torch.stack(values).cpu()
+    return out
