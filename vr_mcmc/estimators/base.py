@@ -39,6 +39,7 @@ class Estimator:
     """
 
     engine = None
+    diagnose = True  # the sampler's choice, per step, of whether to measure noise_var
 
     needs_indices: bool = False  # step(indices=...) is required
     needs_closure: bool = False  # step(closure) is required
@@ -57,7 +58,7 @@ class Estimator:
         """The engine's per-example gradients of the last batch, aligned with ``self.params`` (None for
         parameters outside the engine's model); None without an engine. Unless ``required``, an engine
         that cannot give them costs the diagnostic (a one-time warning), never the step."""
-        if self.engine is None:
+        if self.engine is None or not (self.diagnose or required):
             return None
         try:
             reps = self.engine.collect()

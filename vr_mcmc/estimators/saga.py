@@ -117,7 +117,8 @@ class SAGA(Estimator):
             scale = self.num_data / b
         sums = {}
         total = self.table.total
-        if not self._row_scale_is_one:  # SAGA's noise: the spread of g_j − h_j over the batch's rows
+        diagnose = self.diagnose and not self._row_scale_is_one
+        if diagnose:  # SAGA's noise: the spread of g_j − h_j over the batch's rows
             diffs = self.table.row_differences(indices, reps)
         for name, p in self.covered:
             g = grad_or_zeros(p)
@@ -131,7 +132,7 @@ class SAGA(Estimator):
         for p in self.uncovered:
             grad_or_zeros(p).mul_(minibatch)
         info = {"grad_evals": b}
-        if not self._row_scale_is_one:
+        if diagnose:
             names = [n for n, _ in self.covered]
             var = sampling_variance([diffs[n] for n in names], [sums[n] - old[n] for n in names], self.table.num_rows)
             info["noise_var"] = self._align(var)
