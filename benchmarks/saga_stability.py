@@ -122,8 +122,9 @@ def torch_noise(seed: int, d: int, steps: int) -> np.ndarray:
 
 def saga_ld_ours(prob: Problem, h: float, batches, seed: int, theta0: np.ndarray, policy: str = "auto") -> np.ndarray:
     """Our torch_sample.SAGALD on the same problem, batches and (generator-seeded) noise."""
-    import torch_sample
     from torch import nn
+
+    import torch_sample
     from torch_sample import priors
     from vr_mcmc.per_example import PerExampleGradients
 
@@ -216,7 +217,7 @@ SETTINGS = {  # name: (N, B, d, features)
     "C": (5000, 10, 5, "gauss"),
     "D": (2000, 10, 50, "gauss"),
 }
-U_S_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+R_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 def part1(epochs: int) -> None:
@@ -241,26 +242,34 @@ def part1(epochs: int) -> None:
               f"(ours {1e3 * (t1 - t0) / len(batches):.2f} ms/step)")
 
 
+def h_rule(prob: Problem, B: int) -> float:
+    """The documented stable step: min(1/λ_max(H), B/(N·L_max)), i.e. u_E ≤ 1 and u_S ≤ 1."""
+    return min(1.0 / prob.lam_max, B / (prob.N * prob.L_max))
+
+
 def part2(epochs: int, chains: int) -> None:
     print(f"\n== Part 2: worst sd ratio over the last half of {epochs} epochs, {chains} chains from exact draws "
-          "(NumPy float64)")
-    print("SAGA-LD column: ratio last half (third quarter) R-hat")
+          "(NumPy float64); r = h / min(1/lambda_max(H), B/(N L_max))")
+    print("SAGA-LD column: ratio over the last half (over its first half of it: growing = unstable), split R-hat")
     for name, (N, B, d, feat) in SETTINGS.items():
         prob = make_problem(N, d, feat)
         print(f"\nsetting {name}: N={N} B={B} d={d} {feat}; lambda_max(H)={prob.lam_max:.4g} L_max={prob.L_max:.4g} "
               f"u_S/u_E={prob.N * prob.L_max / (B * prob.lam_max):.2f}")
-        print(f"{'u_S':>5} {'u_E':>6}  {'SGLD':>8} {'SAGA-LD':>24} {'SVRG-LD':>8} {'SGLD-CV':>8}")
-        for u_S in U_S_GRID:
-            h = u_S * B / (N * prob.L_max)
-            u_E = h * prob.lam_max
-            cells = {}
-            for m in METHODS:
-                cells[m] = summarize(prob, run_chains(m, prob, h, B, epochs, chains, seed=7))
+        print(f"{'r':>5} {'u_E':>6} {'u_S':>6}  {'SGLD':>8} {'SAGA-LD':>24} {'SVRG-LD':>8} {'SGLD-CV':>8}")
+        stable_to, still_ok = None, True
+        for r in R_GRID:
+            h = r * h_rule(prob, B)
+            u_E, u_S = prob.units(h, B)
+            cells = {m: summarize(prob, run_chains(m, prob, h, B, epochs, chains, seed=7)) for m in METHODS}
             fmt = lambda s: "div" if s is None else f"{s[0]:.2f}"  # noqa: E731
-            saga = cells["saga"]
+            saga, svrg = cells["saga"], cells["svrg"]
             saga_s = "div" if saga is None else f"{saga[0]:.2f} ({saga[1]:.2f}) {saga[2]:.2f}"
-            print(f"{u_S:>5.2f} {u_E:>6.3f}  {fmt(cells['sgld']):>8} {saga_s:>24} {fmt(cells['svrg']):>8} "
+            ok = saga is not None and svrg is not None and saga[0] <= 1.5 * svrg[0]
+            still_ok = still_ok and ok
+            stable_to = r if still_ok else stable_to
+            print(f"{r:>5.2f} {u_E:>6.3f} {u_S:>6.3f}  {fmt(cells['sgld']):>8} {saga_s:>24} {fmt(svrg):>8} "
                   f"{fmt(cells['cv']):>8}", flush=True)
+        print(f"SAGA-LD finite with sd ratio <= 1.5 x SVRG-LD's up to r = {stable_to}")
 
 
 def main(argv=None) -> int:
