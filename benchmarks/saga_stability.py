@@ -32,9 +32,10 @@ of the kept draws (growing with passes = unstable). Settings (N, B, d, features)
 - A: 5000, 100, 5, Gaussian with sds spread 0.5-1.4 (the issue's regime: u_S/u_E ≈ 0.13);
 - B: 5000, 100, 5, Student-t(3) features with the same spread (high-leverage rows: u_S/u_E ≈ 2.4);
 - C: 5000, 10, 5, Gaussian (small batch: u_S/u_E ≈ 1.5);
-- D: 2000, 10, 50, Gaussian (many features: u_S/u_E ≈ 3.9).
+- D: 2000, 10, 50, Gaussian (many features: u_S/u_E ≈ 3.9);
+- E: 1000, 10, 5, Student-t(3) (small N and batch, high leverage: u_S/u_E ≈ 8.2).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/saga_stability.py`` (about 3 min on one core;
+Run: ``OMP_NUM_THREADS=1 python benchmarks/saga_stability.py`` (about 1 min on one core;
 ``--quick`` fewer steps).
 """
 
@@ -216,8 +217,9 @@ SETTINGS = {  # name: (N, B, d, features)
     "B": (5000, 100, 5, "t3"),
     "C": (5000, 10, 5, "gauss"),
     "D": (2000, 10, 50, "gauss"),
+    "E": (1000, 10, 5, "t3"),
 }
-R_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+R_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 def part1(epochs: int) -> None:
