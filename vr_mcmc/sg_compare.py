@@ -32,7 +32,7 @@ from .digits import DigitsBNN
 from .per_example import PerExampleGradients
 from .predictive import PredictiveReference
 
-__all__ = ["METHODS", "Run", "budget_scores", "run_method"]
+__all__ = ["METHODS", "Run", "budget_predictives", "budget_scores", "run_method", "score_predictives"]
 
 METHODS = ("SGLD", "SAGA-LD", "SVRG-LD", "SGLD-CV")
 # gradient evaluations per example per step (× B) and extra full passes per epoch
@@ -109,12 +109,14 @@ def run_method(problem: DigitsBNN, method: str, lr: float, batch_size: int, pass
     """Chains of ``method`` for a budget of ``passes`` data passes; one `Run` per chain (chain c has seed
     ``seed + c``, as in `vr_mcmc.sample`). ``diagnostics=True`` attaches the per-example engine (without
     its consistency check) and measures ``noise_ratio`` every step; it costs time, so timed runs leave it
-    off."""
+    off. ``keep_idata=True`` also records each draw's test accuracy and log-likelihood and the pointwise
+    test log-likelihood, and keeps the ArviZ data in each `Run`."""
     import vr_mcmc
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    x, y, xt, _ = problem.data() if data is None else data
+    data = problem.data() if data is None else data
+    x, y, xt, _ = data
     n = len(x)
     prior = priors.Normal(problem.prior_std)
     temp = problem.temperature
@@ -148,6 +150,14 @@ def run_method(problem: DigitsBNN, method: str, lr: float, batch_size: int, pass
         return sampler
 
     record = {"probs": lambda m: torch.softmax(m(xt), -1)}
+    extra = {}
+    if keep_idata:  # what a user inspects: each draw's test accuracy and log-likelihood, the pointwise one
+        yt = data[3]
+        rows = torch.arange(len(yt))
+        record["accuracy"] = lambda m: (m(xt).argmax(-1) == yt).double().mean()
+        record["test_loglik"] = lambda m: torch.log_softmax(m(xt), -1)[rows, yt].double().mean()
+        extra = dict(log_likelihood=lambda m: torch.log_softmax(m(xt), -1)[rows, yt],
+                     observed_data={"obs": yt.cpu().numpy()})
     started = [time.perf_counter()]
     times: list[float] = []
 
@@ -159,11 +169,11 @@ def run_method(problem: DigitsBNN, method: str, lr: float, batch_size: int, pass
 
     def model_fn() -> nn.Module:
         started[0] = time.perf_counter()
-        return problem.model()
+        return problem.model(x.device)
 
     idata = vr_mcmc.sample(model_fn, sampler_fn, _loss, (x, y), batch_size=batch_size, num_warmup=0,
                            num_samples=-(-steps // thin), thin=thin, num_chains=num_chains, record=record, seed=seed,
-                           progress=progress)
+                           progress=progress, **extra)
     post, stats = idata.posterior, idata.sample_stats
     runs = []
     for c in range(num_chains):
@@ -177,22 +187,34 @@ def run_method(problem: DigitsBNN, method: str, lr: float, batch_size: int, pass
     return runs
 
 
-def budget_scores(run: Run, reference: PredictiveReference, budgets: Sequence[float]) -> dict[str, np.ndarray]:
-    """TV, agreement, test log-likelihood and accuracy of the run's predictive after each budget b (the
-    mean of the draws with b/2 < passes ≤ b), and the wall seconds to reach it; NaN past the run's end
-    or where the window holds no draw."""
-    keys = ("tv", "agreement", "loglik", "accuracy", "seconds")
-    out = {k: np.full(len(budgets), np.nan) for k in keys}
+def budget_predictives(run: Run, budgets: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The run's predictive after each budget b, as a run of b passes gives it: the mean of the draws with
+    b/2 < passes ≤ b ([budgets, points, classes], NaN past the run's end or where the window holds no draw),
+    and the wall seconds at the last of those draws ([budgets])."""
     csum = np.concatenate([np.zeros((1, *run.probs.shape[1:])), np.cumsum(run.probs, axis=0, dtype=np.float64)])
+    means = np.full((len(budgets), *run.probs.shape[1:]), np.nan)
+    seconds = np.full(len(budgets), np.nan)
     for k, b in enumerate(budgets):
-        if b > run.passes[-1] * (1 + 1e-9) + 1e-9:
+        if b > run.passes[-1] + 1e-6:
             continue
-        lo, hi = np.searchsorted(run.passes, b / 2, side="right"), np.searchsorted(run.passes, b * (1 + 1e-9),
-                                                                                  side="right")
-        if hi <= lo:
-            continue
-        scores = reference.scores((csum[hi] - csum[lo]) / (hi - lo))
-        for key in keys[:4]:
-            out[key][k] = float(scores[key])
-        out["seconds"][k] = run.draw_seconds[hi - 1]
-    return out
+        lo = np.searchsorted(run.passes, b / 2, side="right")
+        hi = np.searchsorted(run.passes, b + 1e-6, side="right")
+        if hi > lo:
+            means[k] = (csum[hi] - csum[lo]) / (hi - lo)
+            seconds[k] = run.draw_seconds[hi - 1]
+    return means, seconds
+
+
+def score_predictives(means: np.ndarray, reference: PredictiveReference) -> dict[str, np.ndarray]:
+    """TV, agreement, test log-likelihood and accuracy of predictives [..., points, classes] (NaN where a
+    predictive is NaN, e.g. a budget a run did not reach)."""
+    missing = np.isnan(means).any(axis=(-1, -2))
+    scores = reference.scores(np.where(np.isnan(means), 1.0 / means.shape[-1], means))
+    return {k: np.where(missing, np.nan, v) for k, v in scores.items()}
+
+
+def budget_scores(run: Run, reference: PredictiveReference, budgets: Sequence[float]) -> dict[str, np.ndarray]:
+    """TV, agreement, test log-likelihood, accuracy and wall seconds of the run after each budget
+    (`budget_predictives`), each ``[budgets]``."""
+    means, seconds = budget_predictives(run, budgets)
+    return {**score_predictives(means, reference), "seconds": seconds}
