@@ -198,9 +198,13 @@ def test_parallel_chains_give_the_sequential_draws():
 
 
 def test_thin_warmup_and_record_functions():
+    """num_samples counts post-warmup steps and thin keeps every thin-th, as NumPyro and Stan: 20 // 3 = 6 draws."""
     idata = chain_job.run(None, "sgld", num_samples=20, thin=3, save_warmup=True,
                           record={"w_norm": lambda m: m.weight.norm(), "logits": lambda m: m(chain_job.X[:5])})
-    assert idata.posterior.sizes["draw"] == 20
+    assert idata.posterior.sizes["draw"] == 6
+    every = chain_job.run(None, "sgld", num_samples=20, record={"w_norm": lambda m: m.weight.norm()})
+    # the kept draws are the 3rd, 6th, ..., 18th post-warmup steps of the same chain
+    np.testing.assert_array_equal(idata.posterior["w_norm"].values, every.posterior["w_norm"].values[:, 2::3])
     assert idata.warmup_posterior.sizes["draw"] == 50 // 3
     assert idata.posterior["logits"].dims == ("chain", "draw", "logits_dim_0", "logits_dim_1")
     assert set(idata.posterior.data_vars) == {"w_norm", "logits"}
@@ -242,6 +246,7 @@ def test_recorder_in_a_users_loop():
     [
         (dict(num_samples=0), ValueError, "num_samples must be an integer >= 1"),
         (dict(thin=0), ValueError, "thin"),
+        (dict(thin=50, num_samples=20), ValueError, "so no draw"),
         (dict(batch_size=1000), ValueError, "larger than the data"),
         (dict(chain_method="threads"), ValueError, "chain_method"),
         (dict(record=["nope"]), ValueError, "not parameters of the model"),

@@ -2,7 +2,8 @@
 
 After NumPyro's ``MCMC``: per chain, ``torch.manual_seed(seed + chain)``, a fresh model from
 ``model_fn()`` and its sampler from ``sampler_fn(model)``; ``num_warmup`` steps (with adaptation
-for MALA/HMC), then ``num_samples · thin`` steps keeping every ``thin``-th. Minibatch samplers get
+for MALA/HMC), then ``num_samples`` steps keeping every ``thin``-th (``num_samples // thin`` draws,
+as NumPyro and Stan thin). Minibatch samplers get
 uniform batches of indices (a fresh seeded permutation each epoch); closure samplers (ULA, MALA,
 HMC) a full-data closure.
 
@@ -259,7 +260,7 @@ def _run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
     stream = _IndexStream(num_data, spec["batch_size"], spec["seed"] * 7919 + chain)
     closure_sampler = _is_closure_sampler(sampler)
     num_warmup, thin = spec["num_warmup"], spec["thin"]
-    total = num_warmup + spec["num_samples"] * thin
+    total = num_warmup + spec["num_samples"]
     loss_fn = spec["loss_fn"]
     step, blocks = 0, {"warmup": 0, "draws": 0}
     elapsed = 0.0
@@ -444,6 +445,9 @@ def sample(
     ``sampler_fn(model)`` -> its sampler (a torch_sample sampler whose ``num_data`` is N);
     ``loss_fn(model, batch)`` -> the batch mean NLL, ``batch`` = the data's tensors at a batch of
     indices (a tuple). ``batch_size`` is used by minibatch samplers (closure samplers see all data).
+    ``num_warmup`` steps adapt (MALA/HMC) and are dropped (kept in ``warmup_*`` with ``save_warmup``);
+    ``num_samples`` counts the steps after warmup, of which every ``thin``-th is kept, as NumPyro and
+    Stan do: ``num_samples=1000, thin=2`` gives 500 draws per chain.
     ``record``/``log_likelihood``/``observed_data``: as `Recorder`. ``chain_method="parallel"`` runs
     each chain in its own process (spawn; one torch thread each; the functions must be picklable,
     i.e. defined at module level) and gives the draws of ``"sequential"``. ``checkpoint``: a
@@ -456,6 +460,9 @@ def sample(
     _check_int("num_warmup", num_warmup, 0)
     _check_int("num_samples", num_samples, 1)
     _check_int("thin", thin, 1)
+    if thin > num_samples:
+        raise ValueError(f"thin={thin} keeps every {thin}-th of the num_samples={num_samples} steps after warmup, "
+                         "so no draw: num_samples counts steps (as in NumPyro), e.g. num_samples=draws * thin")
     _check_int("batch_size", batch_size, 1)
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("seed", seed, 0)
