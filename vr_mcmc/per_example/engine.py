@@ -368,8 +368,14 @@ class PerExampleGradients:
             value, rss, count = rep.probe(u, w)
             grad = self._param_grads.get(name)
             factor = rep.batch_size if self.loss_reduction == "mean" else 1
-            if grad is not None:
-                g = grad.reshape(u.shape[0], w.shape[0]).to(rep.dtype)
+            if grad is not None and grad.is_sparse and grad.sparse_dim() == 1:
+                # Embedding(sparse=True): rows of a sparse COO gradient, probed without densifying.
+                grad = grad.coalesce()
+                rows, vals = grad.indices()[0], grad.values().reshape(-1, w.shape[0]).to(rep.dtype)
+                value = value - ((vals @ w) * u[rows]).sum(0) * factor
+                rss = rss + torch.linalg.vector_norm(vals) * factor
+            elif grad is not None:
+                g = (grad.to_dense() if grad.is_sparse else grad).reshape(u.shape[0], w.shape[0]).to(rep.dtype)
                 value = value - ((g @ w) * u).sum(0) * factor
                 rss = rss + torch.linalg.vector_norm(g) * factor
             names.append(name)
