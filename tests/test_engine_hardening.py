@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vr_mcmc.per_example import PerExampleError, PerExampleGradients
+from vr_mcmc.per_example import PerExampleError, PerExampleGradients, RowSparse, UnsupportedLayerError
 
 F64 = torch.float64
 
@@ -62,4 +62,93 @@ def test_sparse_embedding_gradient_that_bypasses_the_hooks_is_refused():
         # The weight also used outside the module's forward: part of its (sparse) gradient is missed.
         (emb(idx).square().sum() + nn.functional.embedding(idx[:1], emb.weight, sparse=True).sum()).backward()
         with pytest.raises(PerExampleError, match="do not add up"):
+            engine.collect()
+
+
+# -- 13.2: EmbeddingBag, one example per bag ------------------------------------------------------
+
+
+class BagClassifier(nn.Module):
+    """torchtext's text classifier: a flat batch of tokens with offsets, one bag per text."""
+
+    def __init__(self, bag: nn.EmbeddingBag):
+        super().__init__()
+        self.bag = bag
+        self.head = nn.Linear(bag.embedding_dim, 2)
+
+    def forward(self, text, offsets=None, per_sample_weights=None):
+        return self.head(self.bag(text, offsets, per_sample_weights=per_sample_weights))
+
+
+def _bags(b: int, num: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(0, 5, (b,), generator=gen)
+    lengths[0] = 4  # at least one long bag; empty bags are likely among the others
+    text = torch.randint(0, num, (int(lengths.sum()),), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    return text, offsets
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_embedding_bag_with_offsets_one_example_per_bag(mode, padding_idx, weighted, include_last_offset, reduction):
+    if weighted and mode != "sum":
+        pytest.skip("torch takes per_sample_weights in mode 'sum' only")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    b, num = 7, 9
+    bag = nn.EmbeddingBag(num, 5, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset)
+    model = BagClassifier(bag).double()
+    text, offsets = _bags(b, num, gen)
+    text[:3] = 1  # padding lookups and repeated rows in the first bag
+    weights = torch.randn(text.shape, generator=gen, dtype=F64) if weighted else None
+    target = torch.randn(b, 2, generator=gen, dtype=F64)
+    if include_last_offset:
+        offsets = torch.cat([offsets, offsets.new_tensor([text.numel()])])
+    ends = [*offsets[1:].tolist(), text.numel()][:b]
+
+    def loss(out, t):
+        return (out.tanh() - t).square().sum()
+
+    with PerExampleGradients(model, reduction) as engine:
+        (loss(model(text, offsets, weights), target) / (b if reduction == "mean" else 1)).backward()
+        grads = engine.collect()
+    assert isinstance(grads["bag.weight"], RowSparse)
+
+    def example_loss(i):
+        s, e = int(offsets[i]), ends[i]
+        one = torch.tensor([0, e - s]) if include_last_offset else torch.tensor([0])
+        w = None if weights is None else weights[s:e]
+        return loss(model(text[s:e], one, w), target[i : i + 1])
+
+    _assert_matches(grads, _loop(model, example_loss, b))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_with_a_2d_input_and_keyword_weights(mode):
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = BagClassifier(nn.EmbeddingBag(6, 3, mode=mode, padding_idx=0)).double()
+    x = torch.randint(0, 6, (5, 4), generator=gen)
+    w = torch.randn(5, 4, generator=gen, dtype=F64) if mode == "sum" else None
+    with PerExampleGradients(model, "sum") as engine:
+        model(x, per_sample_weights=w).tanh().sum().backward()
+        grads = engine.collect()
+    ref = _loop(model, lambda i: model(x[i : i + 1], None, None if w is None else w[i : i + 1]).tanh().sum(), 5)
+    _assert_matches(grads, ref)
+
+
+def test_fallback_that_cannot_replay_one_example_names_the_module():
+    class MyBag(nn.EmbeddingBag):  # overrides forward: no rule, the fallback takes it
+        def forward(self, text, offsets):
+            return super().forward(text, offsets) * 2
+
+    model = nn.Sequential()
+    model.add_module("bag", MyBag(9, 3))
+    text, offsets = _bags(5, 9, torch.Generator().manual_seed(0))
+    with PerExampleGradients(model.bag) as engine:
+        model.bag(text, offsets).sum().backward()
+        with pytest.raises(UnsupportedLayerError, match=r"layer '' \(MyBag\).*could not run it on one example"):
             engine.collect()

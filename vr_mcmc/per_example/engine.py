@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .errors import MixedExamplesError, PerExampleError
 from .fallback import fallback_rule, flat_tensors
-from .registry import Rule, find_rule
+from .registry import BatchSize, Rule, find_batch_size, find_rule
 from .representations import Dense, PerExampleGradient, combine
 
 __all__ = ["PerExampleGradients", "sq_norms"]
@@ -48,14 +48,20 @@ class _Unit:
     rule: Rule | None
     params: dict[str, nn.Parameter]
     signature: inspect.Signature | None = None
+    batch_size: BatchSize | None = None  # the rule's count of examples in a call, if not dim 0 of the input
     calls: list[_Call] = field(default_factory=list)
 
 
-def _leading_size(args: tuple, kwargs: dict) -> int | None:
+def _leading_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor) and a.dim() >= 1:
-            return a.shape[0]
+            return a
     return None
+
+
+def _leading_size(args: tuple, kwargs: dict) -> int | None:
+    t = _leading_tensor(args, kwargs)
+    return None if t is None else t.shape[0]
 
 
 def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
@@ -123,6 +129,7 @@ class PerExampleGradients:
         self._replaying = False  # the fallback replays modules; their hooks must not record that
         self._grads_arrived = False  # a backward pass reached the hooks: the next forward starts a batch
         self._model_batch_size: int | None = None
+        self._model_input: torch.Tensor | None = None  # the tensor that set _model_batch_size
         self._param_grads: dict[str, torch.Tensor] = {}
         self._probe_generator = torch.Generator().manual_seed(0x5EED)  # never touches the global RNG
         self._probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -151,7 +158,9 @@ class PerExampleGradients:
         rule = None if parametrize.is_parametrized(module) else find_rule(module)
         if rule is not None:
             if own:
-                self._units.append(_Unit(name, module, rule, own, inspect.signature(module.forward)))
+                self._units.append(
+                    _Unit(name, module, rule, own, inspect.signature(module.forward), find_batch_size(module))
+                )
         elif own or parametrize.is_parametrized(module):
             # No rule: the fallback differentiates the whole module, children included, since its
             # forward may use its children's parameters directly (as MultiheadAttention does, and
@@ -173,7 +182,8 @@ class PerExampleGradients:
         if torch.is_grad_enabled() and not self._replaying:
             self._start_batch_if_done()
             if self._model_batch_size is None:
-                self._model_batch_size = _leading_size(args, kwargs)
+                self._model_input = _leading_tensor(args, kwargs)
+                self._model_batch_size = None if self._model_input is None else self._model_input.shape[0]
 
     def _refuse_batch_stats(self, name: str, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
@@ -202,10 +212,18 @@ class PerExampleGradients:
             return
         self._start_batch_if_done()
         if unit.rule is not None and kwargs:
-            # Rules read positional inputs: fc(input=x) is fc(x).
-            args = tuple(unit.signature.bind(*args, **kwargs).arguments.values())
+            # Rules read positional inputs: fc(input=x) is fc(x), bag(x, per_sample_weights=w) is bag(x, None, w).
+            bound = unit.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = (*bound.args, *bound.kwargs.values())
             kwargs = {}
         batch_size = _leading_size(args, kwargs)
+        if unit.batch_size is not None and batch_size is not None:
+            own = unit.batch_size(module, args)
+            if own != batch_size and self._model_input is not None and args[0] is self._model_input:
+                # The model's input is the flat lookups of bags (EmbeddingBag with offsets): the bags are the batch.
+                self._model_batch_size = own
+            batch_size = own
         if batch_size is None:
             raise PerExampleError(
                 f"layer '{unit.name}' ({type(module).__name__}) was called without a batched tensor input; "
@@ -416,6 +434,7 @@ class PerExampleGradients:
         self._param_grads.clear()
         self._grads_arrived = False
         self._model_batch_size = None
+        self._model_input = None
 
     def remove(self) -> None:
         """Detach the engine from the model: remove every hook and saved tensor."""

@@ -108,8 +108,18 @@ def fallback_rule(
             out = flat_tensors(functional_call(module, state, tuple(a), kw))
         return [out[k] for k in live]
 
-    with torch.no_grad():
-        single = call(trainable, [b[0] for b in batched])
+    try:
+        with torch.no_grad():
+            single = call(trainable, [b[0] for b in batched])
+    except Exception as err:
+        sliced = ", ".join(f"{kind} {key!r} {tuple(b.shape)}" for (kind, key), b in zip(slots, batched)) or "none"
+        raise UnsupportedLayerError(
+            f"layer '{name}' ({type(module).__name__}) has no per-example rule, and the torch.func fallback "
+            f"could not run it on one example: {type(err).__name__}: {err}. The fallback takes example i as "
+            f"index i of every tensor argument whose dimension 0 is the batch's {batch_size} (here: {sliced}), "
+            "so a module whose examples are laid out otherwise (e.g. flat inputs with offsets) needs a rule: "
+            "register one with vr_mcmc.per_example.register_rule, or freeze its parameters (requires_grad_(False))."
+        ) from err
     dims = []
     for k, one in zip(live, single):
         d = _batch_dim(outputs[k].shape, one.shape, batch_size)
