@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from vr_mcmc.per_example import PerExampleError, PerExampleGradients, RowSparse, UnsupportedLayerError
+from vr_mcmc.per_example import (
+    PerExampleError,
+    PerExampleGradients,
+    RowSparse,
+    SlowFallbackWarning,
+    UnsupportedLayerError,
+)
 
 F64 = torch.float64
 
@@ -152,3 +160,38 @@ def test_fallback_that_cannot_replay_one_example_names_the_module():
         model.bag(text, offsets).sum().backward()
         with pytest.raises(UnsupportedLayerError, match=r"layer '' \(MyBag\).*could not run it on one example"):
             engine.collect()
+
+
+# -- 15.5: the fallback's per-example loop is announced, once per module ---------------------------
+
+
+class LastStep(nn.Module):
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_fallback_loop_warns_once_per_module_and_stays_exact():
+    torch.manual_seed(0)
+    model = LastStep(nn.GRU(3, 4, batch_first=True)).double()  # aten's GRU has no working vmap rule
+    x = torch.randn(5, 6, 3, dtype=F64)
+    with PerExampleGradients(model, "sum") as engine, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.zero_grad()
+            model(x).tanh().sum().backward()
+            grads = engine.collect()
+    slow = [w for w in caught if issubclass(w.category, SlowFallbackWarning)]
+    assert len(slow) == 1
+    assert "layer 'rnn' (GRU)" in str(slow[0].message) and "up to about 5x slower" in str(slow[0].message)
+    _assert_matches(grads, _loop(model, lambda i: model(x[i : i + 1]).tanh().sum(), 5))
+    # A vectorizable fallback module stays silent.
+    prelu = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4)).double()
+    with PerExampleGradients(prelu, "sum") as engine, warnings.catch_warnings():
+        warnings.simplefilter("error", SlowFallbackWarning)
+        prelu(x[:, 0]).sum().backward()
+        engine.collect()

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .errors import MixedExamplesError, PerExampleError, UnsupportedLayerError
+from .errors import MixedExamplesError, PerExampleError, SlowFallbackWarning, UnsupportedLayerError
 from .representations import Dense, PerExampleGradient
 
 __all__ = ["fallback_rule", "flat_tensors"]
+
+# Modules already warned about the per-example loop (once per module, whatever the engine).
+_LOOP_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def flat_tensors(obj: Any) -> list[torch.Tensor]:
@@ -153,6 +157,17 @@ def fallback_rule(
                 "vr_mcmc.per_example.register_rule, or freeze its parameters (requires_grad_(False))."
             ) from err
         # Some ops have no batching rule that works (e.g. aten's GRU): the same vjp, one example at a time.
+        if module not in _LOOP_WARNED:
+            _LOOP_WARNED.add(module)
+            warnings.warn(
+                f"layer '{name}' ({type(module).__name__}) cannot be vectorized by torch.func.vmap "
+                f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); its per-example gradients "
+                f"come from a Python loop of {batch_size} single-example vjp calls instead of one vectorized call, "
+                f"up to about {batch_size}x slower (this warning is shown once per module). "
+                "Register a rule with vr_mcmc.per_example.register_rule to avoid it.",
+                SlowFallbackWarning,
+                stacklevel=4,  # the caller of collect()
+            )
         try:
             results = [per_example([b[i] for b in batched], [c[i] for c in cotangents]) for i in range(batch_size)]
         except Exception as loop_err:
