@@ -195,3 +195,75 @@ def test_fallback_loop_warns_once_per_module_and_stays_exact():
         warnings.simplefilter("error", SlowFallbackWarning)
         prelu(x[:, 0]).sum().backward()
         engine.collect()
+
+
+# -- 13.3: the batch outside dimension 0 -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.MultiheadAttention(4, 2),
+        lambda: nn.LSTM(4, 4),
+        lambda: nn.GRU(4, 4),
+        lambda: nn.RNN(4, 4),
+        lambda: nn.TransformerEncoderLayer(4, 2, dim_feedforward=8),
+        lambda: nn.Transformer(4, 2, 1, 1, dim_feedforward=8),
+    ],
+)
+def test_sequence_first_modules_are_refused_outright(make):
+    model = nn.Sequential(nn.Linear(4, 4), make())
+    with pytest.raises(PerExampleError, match=r"batch_first=False.*batch must be dimension 0"):
+        PerExampleGradients(model)
+    make().requires_grad_(False)  # a frozen one has no per-example gradients to get wrong
+    PerExampleGradients(nn.Sequential(nn.Linear(4, 4), make().requires_grad_(False))).remove()
+
+
+def test_sequence_first_attention_with_one_step_was_silently_wrong_and_is_refused():
+    """T = 1: [1, B, E] passed the size check (dim 0 is 1, not B) and gave wrong numbers; now refused."""
+
+    class OneStep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1)
+
+        def forward(self, x):  # x [B, E] -> a sequence of one step, time-major [1, B, E]
+            s = x.unsqueeze(0)
+            return self.attn(s, s, s)[0][0]
+
+    with pytest.raises(PerExampleError, match=r"'attn' \(MultiheadAttention\) has batch_first=False"):
+        PerExampleGradients(OneStep())
+
+
+class TimeMajorMiddle(nn.Module):
+    """A position-wise Linear applied to the time-major view of a batch-major activation."""
+
+    def __init__(self, from_input: bool):
+        super().__init__()
+        self.from_input = from_input
+        self.enc = nn.Linear(3, 3)
+        self.mid = nn.Linear(3, 3)
+
+    def forward(self, x):  # [B, T, 3]
+        h = x if self.from_input else self.enc(x)
+        return self.mid(h.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("from_input", [False, True])
+def test_rule_layer_on_a_transposed_activation_with_t_equal_b_is_refused(from_input):
+    model = TimeMajorMiddle(from_input).double()
+    x = torch.randn(4, 4, 3, dtype=F64)  # T = B: the size check cannot see it
+    with PerExampleGradients(model) as engine, pytest.raises(PerExampleError, match=r"layer 'mid'.*dimension 1"):
+        model(x).tanh().sum().backward()
+        engine.collect()
+
+
+def test_time_major_data_viewed_batch_major_is_not_refused():
+    """Data stored [T, B, E] and handed to the model as the batch-major view x = data.transpose(0, 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(4, 4, 3, dtype=F64).transpose(0, 1)
+    with PerExampleGradients(model, "sum") as engine:
+        model(x).tanh().sum().backward()
+        grads = engine.collect()
+    _assert_matches(grads, _loop(model, lambda i: model(x[i : i + 1]).tanh().sum(), 4))

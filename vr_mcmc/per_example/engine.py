@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +78,24 @@ def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
     return device_type, torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
+_SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
+
+
+def _refuse_sequence_first(model: nn.Module) -> None:
+    """Refuse trainable recurrent, attention and transformer modules built with ``batch_first=False``."""
+    for name, module in model.named_modules():
+        if not isinstance(module, _SEQUENCE_FIRST) or getattr(module, "batch_first", True):
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            where = f"'{name}'" if name else "the model"
+            raise PerExampleError(
+                f"layer {where} ({type(module).__name__}) has batch_first=False: it takes the sequence in dimension "
+                "0 and the batch in dimension 1, while per-example gradients need the batch in dimension 0 of every "
+                "layer input (the batch must be dimension 0). Construct it with batch_first=True (and feed it "
+                "[B, T, ...]), or freeze it (requires_grad_(False))."
+            )
+
+
 def _uses_batch_statistics(module: nn.Module) -> bool:
     return module.training or (module.running_mean is None and module.running_var is None)
 
@@ -130,11 +149,15 @@ class PerExampleGradients:
         self._grads_arrived = False  # a backward pass reached the hooks: the next forward starts a batch
         self._model_batch_size: int | None = None
         self._model_input: torch.Tensor | None = None  # the tensor that set _model_batch_size
+        # Tensors of this batch known to hold the examples in dimension 0 (the model's input, layer
+        # outputs), by weak reference: a rule layer's input that is a view of one must keep them there.
+        self._batch_major: list[weakref.ref] = []
         self._param_grads: dict[str, torch.Tensor] = {}
         self._probe_generator = torch.Generator().manual_seed(0x5EED)  # never touches the global RNG
         self._probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._model_tensors: dict[int, torch.Tensor] = {}
         self.clear()
+        _refuse_sequence_first(model)
         self._find_units(model, "")
         # One name per trainable parameter, in model order (a tied parameter keeps its first name).
         self.parameter_names: dict[str, nn.Parameter] = {
@@ -184,6 +207,8 @@ class PerExampleGradients:
             if self._model_batch_size is None:
                 self._model_input = _leading_tensor(args, kwargs)
                 self._model_batch_size = None if self._model_input is None else self._model_input.shape[0]
+                if self._model_input is not None:
+                    self._batch_major.append(weakref.ref(self._model_input))
 
     def _refuse_batch_stats(self, name: str, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
@@ -235,6 +260,8 @@ class PerExampleGradients:
                 "model, a tensor shared by all examples, so its gradient cannot be split by example. Apply "
                 "layers to batched inputs (e.g. make a positional table an nn.Parameter added to the input)."
             )
+        if unit.rule is not None and batch_size > 1:
+            self._refuse_transposed(unit, args[0], batch_size)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         fallback = unit.rule is None
         call = _Call(
@@ -253,6 +280,31 @@ class PerExampleGradients:
                 # A tensor hook sees dL/dZ of this very output, even if an in-place op changes it later.
                 t.register_hook(partial(self._store_grad, call, k))
         unit.calls.append(call)
+        if outputs[0].dim() >= 1 and outputs[0].shape[0] == batch_size:
+            self._batch_major.append(weakref.ref(outputs[0]))
+
+    def _refuse_transposed(self, unit: _Unit, x: Any, batch_size: int) -> None:
+        """Refuse a view of a batch-major tensor whose examples are not in dimension 0 (e.g. ``h.transpose(0, 1)``
+        with as many time steps as examples, which the size check cannot tell apart)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.layout != torch.strided:
+            return
+        storage = x.untyped_storage().data_ptr()
+        for ref in self._batch_major:
+            known = ref()
+            if known is None or known.dim() < 1 or known.shape[0] != batch_size or known.layout != torch.strided:
+                continue
+            if known.untyped_storage().data_ptr() != storage:
+                continue
+            step = known.stride(0)
+            moved = [d for d in range(1, x.dim()) if x.shape[d] == batch_size and x.stride(d) == step]
+            if x.stride(0) != step and moved:
+                raise PerExampleError(
+                    f"layer '{unit.name}' ({type(unit.module).__name__}) was applied to a view of the batch whose "
+                    f"examples are in dimension {moved[0]}, not 0 (e.g. a transposed, time-major activation "
+                    f"[T, B, ...] with T = B = {batch_size}): its per-example gradients would group the wrong "
+                    "entries. The batch must be dimension 0 of every layer input: keep activations batch-major "
+                    "(batch_first=True)."
+                )
 
     def _is_model_tensor(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and self._model_tensors.get(id(t)) is t
@@ -435,6 +487,7 @@ class PerExampleGradients:
         self._grads_arrived = False
         self._model_batch_size = None
         self._model_input = None
+        self._batch_major = []
 
     def remove(self) -> None:
         """Detach the engine from the model: remove every hook and saved tensor."""
