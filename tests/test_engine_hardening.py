@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vr_mcmc.per_example import (
     PerExampleError,
@@ -267,3 +268,50 @@ def test_time_major_data_viewed_batch_major_is_not_refused():
         model(x).tanh().sum().backward()
         grads = engine.collect()
     _assert_matches(grads, _loop(model, lambda i: model(x[i : i + 1]).tanh().sum(), 4))
+
+
+# -- 13.4: PackedSequence inputs to recurrent layers, in input order -------------------------------
+
+
+class PackedNet(nn.Module):
+    """Pack padded sequences of different lengths, run the recurrent layer, use every output and h_n."""
+
+    def __init__(self, kind: type[nn.RNNBase], layers: int, bidirectional: bool, with_h0: bool):
+        super().__init__()
+        self.rnn = kind(3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.with_h0 = with_h0
+        width = 4 * (2 if bidirectional else 1)
+        self.head = nn.Linear(width + 4, 2)
+        self.h0 = nn.Linear(3, 4 * layers * (2 if bidirectional else 1))
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        if self.with_h0:  # an initial state computed per example from its first step
+            h0 = self.h0(x[:, 0]).view(x.shape[0], -1, 4).transpose(0, 1).contiguous()
+            out, h = self.rnn(packed, (h0, torch.zeros_like(h0)) if isinstance(self.rnn, nn.LSTM) else h0)
+        else:
+            out, h = self.rnn(packed)
+        h = h[0] if isinstance(h, tuple) else h
+        padded, _ = pad_packed_sequence(out, batch_first=True)
+        return self.head(torch.cat([padded.sum(1), h[-1]], 1))
+
+
+@pytest.mark.parametrize("kind", [nn.RNN, nn.GRU, nn.LSTM])
+@pytest.mark.parametrize(("layers", "bidirectional", "with_h0"), [(1, False, False), (2, True, True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_packed_sequences_give_per_example_gradients_in_input_order(kind, layers, bidirectional, with_h0, reduction):
+    torch.manual_seed(0)
+    model = PackedNet(kind, layers, bidirectional, with_h0).double()
+    lengths = torch.tensor([3, 5, 1, 5, 2, 4])  # unsorted: the packing reorders, the result must not
+    x = torch.randn(6, 5, 3, dtype=F64)
+    target = torch.randn(6, 2, dtype=F64)
+
+    def loss(out, t):
+        return (out.tanh() - t).square().sum()
+
+    with PerExampleGradients(model, reduction) as engine, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowFallbackWarning)
+        (loss(model(x, lengths), target) / (6 if reduction == "mean" else 1)).backward()
+        grads = engine.collect()
+    ref = _loop(model, lambda i: loss(model(x[i : i + 1, : lengths[i]], lengths[i : i + 1]), target[i : i + 1]), 6)
+    _assert_matches(grads, ref)

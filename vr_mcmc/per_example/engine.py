@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .errors import MixedExamplesError, PerExampleError
 from .fallback import fallback_rule, flat_tensors
+from .packed import is_packed_call, packed_batch_size, packed_rnn_rule
 from .registry import BatchSize, Rule, find_batch_size, find_rule
 from .representations import Dense, PerExampleGradient, combine
 
@@ -65,6 +67,14 @@ def _leading_size(args: tuple, kwargs: dict) -> int | None:
     return None if t is None else t.shape[0]
 
 
+def _detached(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    if isinstance(a, PackedSequence):
+        return a._replace(data=a.data.detach())
+    return a
+
+
 def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
     """(device type, dtype) of the autocast region in force, or None (torch >= 2.4 and older APIs)."""
     try:
@@ -92,7 +102,7 @@ def _refuse_sequence_first(model: nn.Module) -> None:
                 f"layer {where} ({type(module).__name__}) has batch_first=False: it takes the sequence in dimension "
                 "0 and the batch in dimension 1, while per-example gradients need the batch in dimension 0 of every "
                 "layer input (the batch must be dimension 0). Construct it with batch_first=True (and feed it "
-                "[B, T, ...]), or freeze it (requires_grad_(False))."
+                "[B, T, ...]; a PackedSequence input is the same either way), or freeze it (requires_grad_(False))."
             )
 
 
@@ -242,7 +252,8 @@ class PerExampleGradients:
             bound.apply_defaults()
             args = (*bound.args, *bound.kwargs.values())
             kwargs = {}
-        batch_size = _leading_size(args, kwargs)
+        packed = unit.rule is None and is_packed_call(module, args)
+        batch_size = packed_batch_size(args[0]) if packed else _leading_size(args, kwargs)
         if unit.batch_size is not None and batch_size is not None:
             own = unit.batch_size(module, args)
             if own != batch_size and self._model_input is not None and args[0] is self._model_input:
@@ -265,7 +276,7 @@ class PerExampleGradients:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         fallback = unit.rule is None
         call = _Call(
-            args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            args=tuple(_detached(a) for a in args),
             kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
             arg_versions=[t._version for t in tensors],
             outputs=outputs if fallback else [],
@@ -375,10 +386,16 @@ class PerExampleGradients:
         if unit.rule is None:
             self._replaying = True
             try:
-                found = fallback_rule(
-                    unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
-                    call.batch_size, shared=call.shared, autocast=call.autocast,
-                )
+                if is_packed_call(unit.module, call.args):
+                    found = packed_rnn_rule(
+                        unit.module, unit.name, call.args, call.kwargs, call.outputs, call.grads, fallback_rule,
+                        autocast=call.autocast,
+                    )
+                else:
+                    found = fallback_rule(
+                        unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
+                        call.batch_size, shared=call.shared, autocast=call.autocast,
+                    )
             finally:
                 self._replaying = False
         elif call.grads[0] is None:
