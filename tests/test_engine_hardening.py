@@ -315,3 +315,24 @@ def test_packed_sequences_give_per_example_gradients_in_input_order(kind, layers
         grads = engine.collect()
     ref = _loop(model, lambda i: loss(model(x[i : i + 1, : lengths[i]], lengths[i : i + 1]), target[i : i + 1]), 6)
     _assert_matches(grads, ref)
+
+
+# -- 15.13: the consistency check in its own module -------------------------------------------------
+
+
+def test_consistency_check_stands_alone_and_releases_terms():
+    from vr_mcmc.per_example import Dense
+    from vr_mcmc.per_example.consistency import ConsistencyCheck, release_terms
+
+    gen = torch.Generator().manual_seed(0)
+    terms = torch.randn(5, 3, 4, 2, generator=gen, dtype=F64)  # 5 examples, 3 positions each
+    param = nn.Parameter(torch.zeros(4, 2, dtype=F64))
+    rep = Dense.from_terms(terms)
+    check = ConsistencyCheck()
+    check.run({"w": rep}, {"w": param}, {"w": terms.sum((0, 1))}, {"w": 0.0}, "sum")
+    assert check.ratios["w"] < 1e-3
+    with pytest.raises(PerExampleError, match="'w' do not add up"):
+        check.run({"w": rep}, {"w": param}, {"w": terms[1:].sum((0, 1))}, {"w": 0.0}, "sum")
+    assert check.ratios["w"] > 1
+    release_terms({"w": rep})
+    assert rep.terms is None

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from .consistency import ConsistencyCheck, release_terms
 from .errors import MixedExamplesError, PerExampleError
 from .fallback import fallback_rule, flat_tensors
 from .packed import is_packed_call, packed_batch_size, packed_rnn_rule
@@ -24,7 +25,6 @@ from .representations import Dense, PerExampleGradient, combine
 __all__ = ["PerExampleGradients", "sq_norms"]
 
 _REDUCTIONS = ("mean", "sum")
-_PROBES = 4  # independent probes: a missing gradient part escapes all of them with negligible chance
 
 
 @dataclass
@@ -163,8 +163,7 @@ class PerExampleGradients:
         # outputs), by weak reference: a rule layer's input that is a view of one must keep them there.
         self._batch_major: list[weakref.ref] = []
         self._param_grads: dict[str, torch.Tensor] = {}
-        self._probe_generator = torch.Generator().manual_seed(0x5EED)  # never touches the global RNG
-        self._probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._consistency = ConsistencyCheck()
         self._model_tensors: dict[int, torch.Tensor] = {}
         self.clear()
         _refuse_sequence_first(model)
@@ -376,10 +375,14 @@ class PerExampleGradients:
             reps = per_param.get(id(p))
             out[name] = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
         if self.check:
-            self._check_adds_up(out, {n: low_eps.get(id(p), 0.0) for n, p in self.parameter_names.items()})
-        for rep in out.values():
-            if isinstance(rep, Dense):
-                rep.drop_terms()  # views of activations, needed only by the check
+            try:
+                self._consistency.run(
+                    out, self.parameter_names, self._param_grads,
+                    {n: low_eps.get(id(p), 0.0) for n, p in self.parameter_names.items()}, self.loss_reduction,
+                )
+            finally:
+                self.check_ratios = dict(self._consistency.ratios)
+        release_terms(out)
         return out
 
     def _unit_grads(self, unit: _Unit, call: _Call) -> dict[str, PerExampleGradient]:
@@ -416,82 +419,6 @@ class PerExampleGradients:
             # Undo the mean's 1/B on the result, not on dZ: the result is usually the smaller tensor.
             return {n: rep * call.batch_size for n, rep in found.items()}
         return found
-
-    def _probe_vectors(self, name: str, param: nn.Parameter, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed random probes (u [rows, k], w [cols, k]) for a parameter, drawn once."""
-        rows = param.shape[0] if param.dim() > 0 else 1
-        cached = self._probes.get(name)
-        if cached is None or cached[0].dtype != dtype or cached[0].device != param.device:
-            # Stored [k, n] and handed out transposed: BLAS is several times faster with skinny
-            # right-hand sides in this layout.
-            u, w = (
-                torch.randn(_PROBES, n, generator=self._probe_generator, dtype=torch.float64)
-                .to(param.device, dtype)
-                .t()
-                for n in (rows, param.numel() // rows)
-            )
-            cached = self._probes[name] = (u, w)
-        return cached
-
-    def _check_adds_up(self, grads: dict[str, PerExampleGradient], low_eps: dict[str, float]) -> None:
-        """Σ_i g_i must equal each parameter's gradient G from this backward (×B for a mean).
-
-        Checked through random rank-1 probes uᵀ(·)w with standard normal u, w, which cost what the
-        representations hold. A missing part D of the gradient moves a probe by about ‖D‖_F. With S
-        the root-sum-square of the probe's n terms plus ‖G‖_F, accumulating in the parameters'
-        precision moves it by about eps·√n·S, and operands rounded to a lower precision (autocast,
-        eps_low) by about eps_low·S; the tolerance is (1000·eps·√n + 5·eps_low)·S (legitimate
-        bfloat16 runs of an MLP, a CNN and a transformer peaked at 1/12 of it). This catches every
-        way a parameter can get gradient the hooks did not see: a parameter used outside the
-        forward of its module, a child of a torch.func layer also called directly, an extra
-        autograd pass through the graph, a non-per-example term in the loss.
-        """
-        names, gaps, scales, coefficients = [], [], [], []
-        for name, rep in grads.items():
-            param = self.parameter_names[name]
-            if rep.batch_size == 0 or param.numel() == 0:
-                continue
-            u, w = self._probe_vectors(name, param, rep.dtype)
-            value, rss, count = rep.probe(u, w)
-            grad = self._param_grads.get(name)
-            factor = rep.batch_size if self.loss_reduction == "mean" else 1
-            if grad is not None and grad.is_sparse and grad.sparse_dim() == 1:
-                # Embedding(sparse=True): rows of a sparse COO gradient, probed without densifying.
-                grad = grad.coalesce()
-                rows, vals = grad.indices()[0], grad.values().reshape(-1, w.shape[0]).to(rep.dtype)
-                value = value - ((vals @ w) * u[rows]).sum(0) * factor
-                rss = rss + torch.linalg.vector_norm(vals) * factor
-            elif grad is not None:
-                g = (grad.to_dense() if grad.is_sparse else grad).reshape(u.shape[0], w.shape[0]).to(rep.dtype)
-                value = value - ((g @ w) * u).sum(0) * factor
-                rss = rss + torch.linalg.vector_norm(g) * factor
-            names.append(name)
-            gaps.append(value.abs().to("cpu", torch.float64))
-            scales.append(rss.to("cpu", torch.float64))
-            eps = torch.finfo(rep.dtype).eps
-            coefficients.append(1000 * eps * count**0.5 + 5 * (low_eps[name] if low_eps[name] > eps else 0.0))
-        if not names:
-            return
-        # One host transfer for all parameters; float64 so that a zero gradient (0/0) counts as agreement.
-        gap, scale = torch.stack(gaps).amax(1), torch.stack(scales).amax(1)
-        ratio = gap / (scale * torch.tensor(coefficients) + 1e-300)
-        # Non-finite gradients (an overflowing mixed-precision step) cannot be checked; the caller
-        # sees them in the gradients themselves.
-        self.check_ratios = dict(zip(names, ratio.tolist()))
-        bad = (ratio > 1) & gap.isfinite() & scale.isfinite()
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise PerExampleError(
-                f"the per-example gradients of '{names[i]}' do not add up to its gradient from the backward pass "
-                f"(off by {float(ratio[i]):.3g} times the rounding tolerance), so part of its gradient did not "
-                "come from per-example losses through the engine's hooks. Common causes: a term of the loss "
-                "that is not a sum of per-example losses (a prior or weight decay added to the loss: give it to "
-                "the sampler as prior= instead); the parameter used outside the forward of the module that "
-                "owns it (e.g. h @ self.embed.weight.T in a parent's forward: tie it to an nn.Linear instead, "
-                "or register a rule for the parent); a child of a layer without a rule also called directly; "
-                "an extra autograd pass (torch.autograd.grad) through the graph before backward; activation "
-                "checkpointing (not supported). PerExampleGradients(..., check=False) skips this check."
-            )
 
     def clear(self) -> None:
         """Forget the saved inputs and gradients of the last batch (frees their memory)."""
