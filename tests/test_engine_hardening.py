@@ -336,3 +336,64 @@ def test_consistency_check_stands_alone_and_releases_terms():
     assert check.ratios["w"] > 1
     release_terms({"w": rep})
     assert rep.terms is None
+
+
+# -- 13.5: MultiheadAttention's dedicated rule --------------------------------------------------------
+
+
+class Attend(nn.Module):
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        kdim = 5 if case == "kdim" else None
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim,
+                                          bias=case != "nobias", dropout=0.3)
+        if case == "bias_k":
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+        self.attn.eval()  # dropout off: per-example gradients are defined
+
+    def forward(self, x, kv, pad, mask):
+        if self.case in ("self", "nobias", "bias_k"):
+            out, _ = self.attn(x, x, x, key_padding_mask=pad, attn_mask=mask)
+        elif self.case == "causal":
+            causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+            out, _ = self.attn(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+        else:
+            out, _ = self.attn(x, kv, kv, key_padding_mask=pad, need_weights=False)
+        return out
+
+
+@pytest.mark.parametrize("case", ["self", "nobias", "cross", "cross_t_eq_s", "kdim", "causal", "bias_k"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_attention_rule_matches_the_float64_loop(case, reduction):
+    torch.manual_seed(0)
+    model = Attend(case).double()
+    b, t = 5, 4
+    s = t if case in ("self", "nobias", "cross_t_eq_s", "causal", "bias_k") else 6
+    x = torch.randn(b, t, 8, dtype=F64)
+    kv = torch.randn(b, s, 5 if case == "kdim" else 8, dtype=F64)
+    pad = torch.zeros(b, s, dtype=F64)
+    pad[1, -2:] = float("-inf")  # example 1 ignores its last two keys
+    mask = torch.randn(b * 2, t, s, dtype=F64) if case == "self" else None
+    target = torch.randn(b, t, 8, dtype=F64)
+    engine = PerExampleGradients(model, reduction)
+    assert dict(engine.layers)["attn"] == ("torch.func" if case == "bias_k" else "rule")
+    loss = (model(x, kv, pad, mask).tanh() - target).square().sum()
+    (loss / (b if reduction == "mean" else 1)).backward()
+    grads = engine.collect()
+    engine.remove()
+
+    def example_loss(i):
+        m = None if mask is None else mask[2 * i : 2 * i + 2]
+        return (model(x[i : i + 1], kv[i : i + 1], pad[i : i + 1], m).tanh() - target[i : i + 1]).square().sum()
+
+    _assert_matches(grads, _loop(model, example_loss, b))
+
+
+def test_attention_dropout_in_training_is_refused():
+    attn = nn.MultiheadAttention(8, 2, batch_first=True, dropout=0.5)
+    x = torch.randn(3, 4, 8)
+    with PerExampleGradients(attn) as engine:
+        attn(x, x, x)[0].sum().backward()
+        with pytest.raises(UnsupportedLayerError, match="dropout"):
+            engine.collect()

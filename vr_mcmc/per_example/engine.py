@@ -19,7 +19,7 @@ from .consistency import ConsistencyCheck, release_terms
 from .errors import MixedExamplesError, PerExampleError
 from .fallback import fallback_rule, flat_tensors
 from .packed import is_packed_call, packed_batch_size, packed_rnn_rule
-from .registry import BatchSize, Rule, find_batch_size, find_rule
+from .registry import BatchSize, Rule, covers_children, find_batch_size, find_rule
 from .representations import Dense, PerExampleGradient, combine
 
 __all__ = ["PerExampleGradients", "sq_norms"]
@@ -186,13 +186,16 @@ class PerExampleGradients:
     # -- discovery -----------------------------------------------------------------------------
 
     def _find_units(self, module: nn.Module, name: str) -> None:
-        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         rule = None if parametrize.is_parametrized(module) else find_rule(module)
+        whole = rule is not None and covers_children(module)
+        own = {n: p for n, p in module.named_parameters(recurse=whole) if p.requires_grad}
         if rule is not None:
             if own:
                 self._units.append(
                     _Unit(name, module, rule, own, inspect.signature(module.forward), find_batch_size(module))
                 )
+            if whole:
+                return
         elif own or parametrize.is_parametrized(module):
             # No rule: the fallback differentiates the whole module, children included, since its
             # forward may use its children's parameters directly (as MultiheadAttention does, and
