@@ -397,3 +397,22 @@ def test_attention_dropout_in_training_is_refused():
         attn(x, x, x)[0].sum().backward()
         with pytest.raises(UnsupportedLayerError, match="dropout"):
             engine.collect()
+
+
+def test_transposed_result_of_a_parameter_free_op_stays_undetectable():
+    """README's undetectable case: relu(h).transpose(0, 1) with T = B is a view of a tensor no hook saw.
+
+    Pinned so that the README's list changes with the engine: if this starts raising, update both.
+    """
+
+    class Hidden(TimeMajorMiddle):
+        def forward(self, x):
+            return self.mid(torch.relu(self.enc(x)).transpose(0, 1)).transpose(0, 1)
+
+    model = Hidden(False).double()
+    x = torch.randn(4, 4, 3, dtype=F64)
+    with PerExampleGradients(model, "sum") as engine:
+        model(x).tanh().sum().backward()
+        grads = engine.collect()  # no error: the engine cannot tell
+    ref = _loop(model, lambda i: model(x[i : i + 1]).tanh().sum(), 4)
+    assert not torch.allclose(grads["mid.weight"].dense(), ref["mid.weight"])  # and the numbers are wrong
