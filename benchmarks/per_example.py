@@ -11,7 +11,12 @@ machine's speed hits them alike):
 - opacus:     GradSampleModule forward + backward (dense grad_sample), + the squared norms, when
               opacus is installed (pip install -e ".[bench]").
 
+Single layers (issue 13.5), loss ½‖layer(x) − t‖² per example: LayerNorm(512) on [128, 32, 512],
+MultiheadAttention E=128 H=4 on [32, 32, 128] (self-attention), Conv2d 64→64 3×3 on [64, 64, 32, 32];
+same columns.
+
 Usage: python benchmarks/per_example.py [--device cuda] [--batch-sizes 128 512] [--repeats 7]
+       [--models mlp cnn layernorm attention conv]
 """
 
 from __future__ import annotations
@@ -43,29 +48,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention (batch_first) applied to one sequence as query, key and value."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the per-example loss ½‖out_i − t_i‖²."""
+    return 0.5 * (out - target).square().sum() / out.shape[0]
+
+
+def make_methods(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable = F.cross_entropy
+) -> dict[str, Callable[[], object]]:
     def plain():
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(model(x), y).backward()
 
     ours_model = copy.deepcopy(model)
     engine = PerExampleGradients(ours_model, loss_reduction="mean")
 
     def ours_norms():
         ours_model.zero_grad(set_to_none=True)
-        F.cross_entropy(ours_model(x), y).backward()
+        loss_fn(ours_model(x), y).backward()
         return sq_norms(engine.collect())
 
     def ours_dense():
         ours_model.zero_grad(set_to_none=True)
-        F.cross_entropy(ours_model(x), y).backward()
+        loss_fn(ours_model(x), y).backward()
         grads = engine.collect()
         return sq_norms(grads), [g.dense() for g in grads.values()]
 
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def loss_one(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
     per_example_grad = vmap(grad(loss_one), in_dims=(None, 0, 0))
 
@@ -79,7 +102,7 @@ def make_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str
 
         def opacus():
             opacus_model.zero_grad(set_to_none=True)
-            F.cross_entropy(opacus_model(x), y).backward()
+            loss_fn(opacus_model(x), y).backward()
             return sum(p.grad_sample.flatten(1).square().sum(1) for p in opacus_model.parameters())
 
         methods["opacus"] = opacus
@@ -113,12 +136,23 @@ def time_methods(methods: dict[str, Callable[[], object]], repeats: int, device:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+# Single layers of issue 13.5: (label, builder, input shape with the batch first).
+LAYERS = {
+    "layernorm": ("LayerNorm 512 on [128,32,512]", lambda: nn.LayerNorm(512), (128, 32, 512)),
+    "attention": ("MHA E=128 H=4 T=32", lambda: SelfAttention(128, 4), (32, 32, 128)),
+    "conv": ("Conv2d 64->64 3x3 32x32", lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 64, 32, 32)),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--models", nargs="+", default=["mlp", "cnn", *LAYERS], choices=["mlp", "cnn", *LAYERS],
+        help="the single layers run at their own batch size (--batch-sizes applies to mlp and cnn)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", category=UserWarning)  # opacus / functorch chatter
@@ -139,18 +173,29 @@ def main() -> None:
     print(header)
     print(f"{'':<45}" + "".join(f"{'(x plain)':>12}" for _ in names))
     for key in args.models:
-        label, build, shape = builders[key]
-        for b in args.batch_sizes:
+        if key in LAYERS:
+            label, build, shape = LAYERS[key]
             model = build().to(device)
-            x = torch.randn(b, *shape, device=device)
-            y = torch.randint(0, 10, (b,), device=device)
-            methods = make_methods(model, x, y)
+            x = torch.randn(*shape, device=device)
+            with torch.no_grad():
+                y = torch.randn_like(model(x))
+            runs = [(label, shape[0], model, x, y, squared_error)]
+        else:
+            label, build, shape = builders[key]
+            runs = [
+                (label, b, build().to(device), torch.randn(b, *shape, device=device),
+                 torch.randint(0, 10, (b,), device=device), F.cross_entropy)
+                for b in args.batch_sizes
+            ]
+        for label, b, model, x, y, loss_fn in runs:
+            methods = make_methods(model, x, y, loss_fn)
             diff = check_agreement(methods)
             t = time_methods(methods, args.repeats, device)
             row = f"{label:<30}{b:>5}{t['plain'] * 1e3:>10.2f}"
             row += "".join(f"{t[n] / t['plain']:>12.2f}" for n in names)
-            row += f"{t['torch.func'] / t['ours norms']:>17.1f}{t['torch.func'] / t['ours dense']:>17.2f}{diff:>14.1e}"
+            row += f"{t['torch.func'] / t['ours norms']:>17.2f}{t['torch.func'] / t['ours dense']:>17.2f}{diff:>14.1e}"
             print(row, flush=True)
+            del methods
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ with `register_rule`; other layers fall back to torch.func.
 """
 
 from .engine import PerExampleGradients, sq_norms
-from .errors import MixedExamplesError, PerExampleError, UnsupportedLayerError
+from .errors import MixedExamplesError, PerExampleError, SlowFallbackWarning, UnsupportedLayerError
 from .registry import find_rule, register_rule
 from .representations import Dense, Factored, LowRank, PerExampleGradient, RowSparse, combine
 
@@ -20,6 +20,7 @@ __all__ = [
     "PerExampleGradient",
     "PerExampleGradients",
     "RowSparse",
+    "SlowFallbackWarning",
     "UnsupportedLayerError",
     "combine",
     "find_rule",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -11,17 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from .consistency import ConsistencyCheck, release_terms
 from .errors import MixedExamplesError, PerExampleError
 from .fallback import fallback_rule, flat_tensors
-from .registry import Rule, find_rule
+from .packed import is_packed_call, packed_batch_size, packed_rnn_rule
+from .registry import BatchSize, Rule, covers_children, find_batch_size, find_rule
 from .representations import Dense, PerExampleGradient, combine
 
 __all__ = ["PerExampleGradients", "sq_norms"]
 
 _REDUCTIONS = ("mean", "sum")
-_PROBES = 4  # independent probes: a missing gradient part escapes all of them with negligible chance
 
 
 @dataclass
@@ -48,14 +51,28 @@ class _Unit:
     rule: Rule | None
     params: dict[str, nn.Parameter]
     signature: inspect.Signature | None = None
+    batch_size: BatchSize | None = None  # the rule's count of examples in a call, if not dim 0 of the input
     calls: list[_Call] = field(default_factory=list)
 
 
-def _leading_size(args: tuple, kwargs: dict) -> int | None:
+def _leading_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor) and a.dim() >= 1:
-            return a.shape[0]
+            return a
     return None
+
+
+def _leading_size(args: tuple, kwargs: dict) -> int | None:
+    t = _leading_tensor(args, kwargs)
+    return None if t is None else t.shape[0]
+
+
+def _detached(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    if isinstance(a, PackedSequence):
+        return a._replace(data=a.data.detach())
+    return a
 
 
 def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
@@ -69,6 +86,24 @@ def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
     if hasattr(torch, "get_autocast_dtype"):
         return device_type, torch.get_autocast_dtype(device_type)
     return device_type, torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+_SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
+
+
+def _refuse_sequence_first(model: nn.Module) -> None:
+    """Refuse trainable recurrent, attention and transformer modules built with ``batch_first=False``."""
+    for name, module in model.named_modules():
+        if not isinstance(module, _SEQUENCE_FIRST) or getattr(module, "batch_first", True):
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            where = f"'{name}'" if name else "the model"
+            raise PerExampleError(
+                f"layer {where} ({type(module).__name__}) has batch_first=False: it takes the sequence in dimension "
+                "0 and the batch in dimension 1, while per-example gradients need the batch in dimension 0 of every "
+                "layer input (the batch must be dimension 0). Construct it with batch_first=True (and feed it "
+                "[B, T, ...]; a PackedSequence input is the same either way), or freeze it (requires_grad_(False))."
+            )
 
 
 def _uses_batch_statistics(module: nn.Module) -> bool:
@@ -123,11 +158,15 @@ class PerExampleGradients:
         self._replaying = False  # the fallback replays modules; their hooks must not record that
         self._grads_arrived = False  # a backward pass reached the hooks: the next forward starts a batch
         self._model_batch_size: int | None = None
+        self._model_input: torch.Tensor | None = None  # the tensor that set _model_batch_size
+        # Tensors of this batch known to hold the examples in dimension 0 (the model's input, layer
+        # outputs), by weak reference: a rule layer's input that is a view of one must keep them there.
+        self._batch_major: list[weakref.ref] = []
         self._param_grads: dict[str, torch.Tensor] = {}
-        self._probe_generator = torch.Generator().manual_seed(0x5EED)  # never touches the global RNG
-        self._probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._consistency = ConsistencyCheck()
         self._model_tensors: dict[int, torch.Tensor] = {}
         self.clear()
+        _refuse_sequence_first(model)
         self._find_units(model, "")
         # One name per trainable parameter, in model order (a tied parameter keeps its first name).
         self.parameter_names: dict[str, nn.Parameter] = {
@@ -147,11 +186,16 @@ class PerExampleGradients:
     # -- discovery -----------------------------------------------------------------------------
 
     def _find_units(self, module: nn.Module, name: str) -> None:
-        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         rule = None if parametrize.is_parametrized(module) else find_rule(module)
+        whole = rule is not None and covers_children(module)
+        own = {n: p for n, p in module.named_parameters(recurse=whole) if p.requires_grad}
         if rule is not None:
             if own:
-                self._units.append(_Unit(name, module, rule, own, inspect.signature(module.forward)))
+                self._units.append(
+                    _Unit(name, module, rule, own, inspect.signature(module.forward), find_batch_size(module))
+                )
+            if whole:
+                return
         elif own or parametrize.is_parametrized(module):
             # No rule: the fallback differentiates the whole module, children included, since its
             # forward may use its children's parameters directly (as MultiheadAttention does, and
@@ -173,7 +217,10 @@ class PerExampleGradients:
         if torch.is_grad_enabled() and not self._replaying:
             self._start_batch_if_done()
             if self._model_batch_size is None:
-                self._model_batch_size = _leading_size(args, kwargs)
+                self._model_input = _leading_tensor(args, kwargs)
+                self._model_batch_size = None if self._model_input is None else self._model_input.shape[0]
+                if self._model_input is not None:
+                    self._batch_major.append(weakref.ref(self._model_input))
 
     def _refuse_batch_stats(self, name: str, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
@@ -202,10 +249,19 @@ class PerExampleGradients:
             return
         self._start_batch_if_done()
         if unit.rule is not None and kwargs:
-            # Rules read positional inputs: fc(input=x) is fc(x).
-            args = tuple(unit.signature.bind(*args, **kwargs).arguments.values())
+            # Rules read positional inputs: fc(input=x) is fc(x), bag(x, per_sample_weights=w) is bag(x, None, w).
+            bound = unit.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = (*bound.args, *bound.kwargs.values())
             kwargs = {}
-        batch_size = _leading_size(args, kwargs)
+        packed = unit.rule is None and is_packed_call(module, args)
+        batch_size = packed_batch_size(args[0]) if packed else _leading_size(args, kwargs)
+        if unit.batch_size is not None and batch_size is not None:
+            own = unit.batch_size(module, args)
+            if own != batch_size and self._model_input is not None and args[0] is self._model_input:
+                # The model's input is the flat lookups of bags (EmbeddingBag with offsets): the bags are the batch.
+                self._model_batch_size = own
+            batch_size = own
         if batch_size is None:
             raise PerExampleError(
                 f"layer '{unit.name}' ({type(module).__name__}) was called without a batched tensor input; "
@@ -217,10 +273,12 @@ class PerExampleGradients:
                 "model, a tensor shared by all examples, so its gradient cannot be split by example. Apply "
                 "layers to batched inputs (e.g. make a positional table an nn.Parameter added to the input)."
             )
+        if unit.rule is not None and batch_size > 1:
+            self._refuse_transposed(unit, args[0], batch_size)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         fallback = unit.rule is None
         call = _Call(
-            args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            args=tuple(_detached(a) for a in args),
             kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
             arg_versions=[t._version for t in tensors],
             outputs=outputs if fallback else [],
@@ -235,6 +293,31 @@ class PerExampleGradients:
                 # A tensor hook sees dL/dZ of this very output, even if an in-place op changes it later.
                 t.register_hook(partial(self._store_grad, call, k))
         unit.calls.append(call)
+        if outputs[0].dim() >= 1 and outputs[0].shape[0] == batch_size:
+            self._batch_major.append(weakref.ref(outputs[0]))
+
+    def _refuse_transposed(self, unit: _Unit, x: Any, batch_size: int) -> None:
+        """Refuse a view of a batch-major tensor whose examples are not in dimension 0 (e.g. ``h.transpose(0, 1)``
+        with as many time steps as examples, which the size check cannot tell apart)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.layout != torch.strided:
+            return
+        storage = x.untyped_storage().data_ptr()
+        for ref in self._batch_major:
+            known = ref()
+            if known is None or known.dim() < 1 or known.shape[0] != batch_size or known.layout != torch.strided:
+                continue
+            if known.untyped_storage().data_ptr() != storage:
+                continue
+            step = known.stride(0)
+            moved = [d for d in range(1, x.dim()) if x.shape[d] == batch_size and x.stride(d) == step]
+            if x.stride(0) != step and moved:
+                raise PerExampleError(
+                    f"layer '{unit.name}' ({type(unit.module).__name__}) was applied to a view of the batch whose "
+                    f"examples are in dimension {moved[0]}, not 0 (e.g. a transposed, time-major activation "
+                    f"[T, B, ...] with T = B = {batch_size}): its per-example gradients would group the wrong "
+                    "entries. The batch must be dimension 0 of every layer input: keep activations batch-major "
+                    "(batch_first=True)."
+                )
 
     def _is_model_tensor(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and self._model_tensors.get(id(t)) is t
@@ -295,20 +378,30 @@ class PerExampleGradients:
             reps = per_param.get(id(p))
             out[name] = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
         if self.check:
-            self._check_adds_up(out, {n: low_eps.get(id(p), 0.0) for n, p in self.parameter_names.items()})
-        for rep in out.values():
-            if isinstance(rep, Dense):
-                rep.drop_terms()  # views of activations, needed only by the check
+            try:
+                self._consistency.run(
+                    out, self.parameter_names, self._param_grads,
+                    {n: low_eps.get(id(p), 0.0) for n, p in self.parameter_names.items()}, self.loss_reduction,
+                )
+            finally:
+                self.check_ratios = dict(self._consistency.ratios)
+        release_terms(out)
         return out
 
     def _unit_grads(self, unit: _Unit, call: _Call) -> dict[str, PerExampleGradient]:
         if unit.rule is None:
             self._replaying = True
             try:
-                found = fallback_rule(
-                    unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
-                    call.batch_size, shared=call.shared, autocast=call.autocast,
-                )
+                if is_packed_call(unit.module, call.args):
+                    found = packed_rnn_rule(
+                        unit.module, unit.name, call.args, call.kwargs, call.outputs, call.grads, fallback_rule,
+                        autocast=call.autocast,
+                    )
+                else:
+                    found = fallback_rule(
+                        unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
+                        call.batch_size, shared=call.shared, autocast=call.autocast,
+                    )
             finally:
                 self._replaying = False
         elif call.grads[0] is None:
@@ -330,76 +423,6 @@ class PerExampleGradients:
             return {n: rep * call.batch_size for n, rep in found.items()}
         return found
 
-    def _probe_vectors(self, name: str, param: nn.Parameter, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed random probes (u [rows, k], w [cols, k]) for a parameter, drawn once."""
-        rows = param.shape[0] if param.dim() > 0 else 1
-        cached = self._probes.get(name)
-        if cached is None or cached[0].dtype != dtype or cached[0].device != param.device:
-            # Stored [k, n] and handed out transposed: BLAS is several times faster with skinny
-            # right-hand sides in this layout.
-            u, w = (
-                torch.randn(_PROBES, n, generator=self._probe_generator, dtype=torch.float64)
-                .to(param.device, dtype)
-                .t()
-                for n in (rows, param.numel() // rows)
-            )
-            cached = self._probes[name] = (u, w)
-        return cached
-
-    def _check_adds_up(self, grads: dict[str, PerExampleGradient], low_eps: dict[str, float]) -> None:
-        """Σ_i g_i must equal each parameter's gradient G from this backward (×B for a mean).
-
-        Checked through random rank-1 probes uᵀ(·)w with standard normal u, w, which cost what the
-        representations hold. A missing part D of the gradient moves a probe by about ‖D‖_F. With S
-        the root-sum-square of the probe's n terms plus ‖G‖_F, accumulating in the parameters'
-        precision moves it by about eps·√n·S, and operands rounded to a lower precision (autocast,
-        eps_low) by about eps_low·S; the tolerance is (1000·eps·√n + 5·eps_low)·S (legitimate
-        bfloat16 runs of an MLP, a CNN and a transformer peaked at 1/12 of it). This catches every
-        way a parameter can get gradient the hooks did not see: a parameter used outside the
-        forward of its module, a child of a torch.func layer also called directly, an extra
-        autograd pass through the graph, a non-per-example term in the loss.
-        """
-        names, gaps, scales, coefficients = [], [], [], []
-        for name, rep in grads.items():
-            param = self.parameter_names[name]
-            if rep.batch_size == 0 or param.numel() == 0:
-                continue
-            u, w = self._probe_vectors(name, param, rep.dtype)
-            value, rss, count = rep.probe(u, w)
-            grad = self._param_grads.get(name)
-            factor = rep.batch_size if self.loss_reduction == "mean" else 1
-            if grad is not None:
-                g = grad.reshape(u.shape[0], w.shape[0]).to(rep.dtype)
-                value = value - ((g @ w) * u).sum(0) * factor
-                rss = rss + torch.linalg.vector_norm(g) * factor
-            names.append(name)
-            gaps.append(value.abs().to("cpu", torch.float64))
-            scales.append(rss.to("cpu", torch.float64))
-            eps = torch.finfo(rep.dtype).eps
-            coefficients.append(1000 * eps * count**0.5 + 5 * (low_eps[name] if low_eps[name] > eps else 0.0))
-        if not names:
-            return
-        # One host transfer for all parameters; float64 so that a zero gradient (0/0) counts as agreement.
-        gap, scale = torch.stack(gaps).amax(1), torch.stack(scales).amax(1)
-        ratio = gap / (scale * torch.tensor(coefficients) + 1e-300)
-        # Non-finite gradients (an overflowing mixed-precision step) cannot be checked; the caller
-        # sees them in the gradients themselves.
-        self.check_ratios = dict(zip(names, ratio.tolist()))
-        bad = (ratio > 1) & gap.isfinite() & scale.isfinite()
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise PerExampleError(
-                f"the per-example gradients of '{names[i]}' do not add up to its gradient from the backward pass "
-                f"(off by {float(ratio[i]):.3g} times the rounding tolerance), so part of its gradient did not "
-                "come from per-example losses through the engine's hooks. Common causes: a term of the loss "
-                "that is not a sum of per-example losses (a prior or weight decay added to the loss: give it to "
-                "the sampler as prior= instead); the parameter used outside the forward of the module that "
-                "owns it (e.g. h @ self.embed.weight.T in a parent's forward: tie it to an nn.Linear instead, "
-                "or register a rule for the parent); a child of a layer without a rule also called directly; "
-                "an extra autograd pass (torch.autograd.grad) through the graph before backward; activation "
-                "checkpointing (not supported). PerExampleGradients(..., check=False) skips this check."
-            )
-
     def clear(self) -> None:
         """Forget the saved inputs and gradients of the last batch (frees their memory)."""
         for unit in self._units:
@@ -410,6 +433,8 @@ class PerExampleGradients:
         self._param_grads.clear()
         self._grads_arrived = False
         self._model_batch_size = None
+        self._model_input = None
+        self._batch_major = []
 
     def remove(self) -> None:
         """Detach the engine from the model: remove every hook and saved tensor."""

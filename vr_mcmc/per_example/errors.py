@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MixedExamplesError", "PerExampleError", "UnsupportedLayerError"]
+__all__ = ["MixedExamplesError", "PerExampleError", "SlowFallbackWarning", "UnsupportedLayerError"]
 
 
 class PerExampleError(RuntimeError):
@@ -15,3 +15,7 @@ class MixedExamplesError(PerExampleError):
 
 class UnsupportedLayerError(PerExampleError):
     """A layer has no per-example rule and the torch.func fallback cannot handle it."""
+
+
+class SlowFallbackWarning(UserWarning):
+    """The torch.func fallback could not vectorize a layer and loops over the examples in Python."""

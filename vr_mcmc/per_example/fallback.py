@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .errors import MixedExamplesError, PerExampleError, UnsupportedLayerError
+from .errors import MixedExamplesError, PerExampleError, SlowFallbackWarning, UnsupportedLayerError
 from .representations import Dense, PerExampleGradient
 
 __all__ = ["fallback_rule", "flat_tensors"]
+
+# Modules already warned about the per-example loop (once per module, whatever the engine).
+_LOOP_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def flat_tensors(obj: Any) -> list[torch.Tensor]:
@@ -108,8 +112,18 @@ def fallback_rule(
             out = flat_tensors(functional_call(module, state, tuple(a), kw))
         return [out[k] for k in live]
 
-    with torch.no_grad():
-        single = call(trainable, [b[0] for b in batched])
+    try:
+        with torch.no_grad():
+            single = call(trainable, [b[0] for b in batched])
+    except Exception as err:
+        sliced = ", ".join(f"{kind} {key!r} {tuple(b.shape)}" for (kind, key), b in zip(slots, batched)) or "none"
+        raise UnsupportedLayerError(
+            f"layer '{name}' ({type(module).__name__}) has no per-example rule, and the torch.func fallback "
+            f"could not run it on one example: {type(err).__name__}: {err}. The fallback takes example i as "
+            f"index i of every tensor argument whose dimension 0 is the batch's {batch_size} (here: {sliced}), "
+            "so a module whose examples are laid out otherwise (e.g. flat inputs with offsets) needs a rule: "
+            "register one with vr_mcmc.per_example.register_rule, or freeze its parameters (requires_grad_(False))."
+        ) from err
     dims = []
     for k, one in zip(live, single):
         d = _batch_dim(outputs[k].shape, one.shape, batch_size)
@@ -143,6 +157,17 @@ def fallback_rule(
                 "vr_mcmc.per_example.register_rule, or freeze its parameters (requires_grad_(False))."
             ) from err
         # Some ops have no batching rule that works (e.g. aten's GRU): the same vjp, one example at a time.
+        if module not in _LOOP_WARNED:
+            _LOOP_WARNED.add(module)
+            warnings.warn(
+                f"layer '{name}' ({type(module).__name__}) cannot be vectorized by torch.func.vmap "
+                f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); its per-example gradients "
+                f"come from a Python loop of {batch_size} single-example vjp calls instead of one vectorized call, "
+                f"up to about {batch_size}x slower (this warning is shown once per module). "
+                "Register a rule with vr_mcmc.per_example.register_rule to avoid it.",
+                SlowFallbackWarning,
+                stacklevel=4,  # the caller of collect()
+            )
         try:
             results = [per_example([b[i] for b in batched], [c[i] for c in cotangents]) for i in range(batch_size)]
         except Exception as loop_err:

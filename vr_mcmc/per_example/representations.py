@@ -165,8 +165,9 @@ class Dense(PerExampleGradient):
     ``sq_norms`` fold it into their results and only ``dense()`` multiplies the tensor.
     Built with `from_terms` from per-position terms ``[B, T, *shape]`` (``G[i] = Σ_t terms[i, t]``,
     as for biases and normalization parameters), it keeps those terms, views of the batch's
-    tensors, until the engine has checked Σ_i g_i against the gradient: the size of what was
-    summed, not of the sum, sets the scale of rounding error.
+    tensors, until the engine's consistency check (`vr_mcmc.per_example.consistency`) has compared
+    Σ_i g_i with the gradient and released them: the size of what was summed, not of the sum, sets
+    the scale of rounding error.
     """
 
     def __init__(self, grads: torch.Tensor, terms: torch.Tensor | None = None, scale: float = 1.0):
@@ -186,11 +187,6 @@ class Dense(PerExampleGradient):
     def zeros(cls, batch_size: int, shape: Sequence[int], *, dtype: torch.dtype, device: Any) -> Dense:
         """Zero gradients for every example, stored in one element (a broadcast view)."""
         return cls(torch.zeros((), dtype=dtype, device=device).expand(batch_size, *shape))
-
-    def drop_terms(self) -> Dense:
-        """Forget the per-position terms (they are needed only for checking)."""
-        self.terms = None
-        return self
 
     @property
     def batch_size(self) -> int:
@@ -238,6 +234,8 @@ class Dense(PerExampleGradient):
             src = src.reshape(b, t, rows)
             if src.stride(-1) != 1:
                 terms = torch.matmul(left.t(), src.transpose(1, 2)).transpose(1, 2) * right[0]
+            elif src.is_contiguous():
+                terms = (src.view(b * t, rows) @ left) * right[0]  # one 2-D matmul: 3x faster than batched
             else:
                 terms = torch.matmul(src, left) * right[0]
         else:
