@@ -172,8 +172,8 @@ def run_method(problem: DigitsBNN, method: str, lr: float, batch_size: int, pass
         return problem.model(x.device)
 
     idata = vr_mcmc.sample(model_fn, sampler_fn, _loss, (x, y), batch_size=batch_size, num_warmup=0,
-                           num_samples=thin * -(-steps // thin), thin=thin, num_chains=num_chains, record=record, seed=seed,
-                           progress=progress, **extra)
+                           num_samples=thin * -(-steps // thin), thin=thin, num_chains=num_chains, record=record,
+                           seed=seed, progress=progress, **extra)
     post, stats = idata.posterior, idata.sample_stats
     runs = []
     for c in range(num_chains):
