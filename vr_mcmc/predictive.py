@@ -100,15 +100,16 @@ class PredictiveReference:
                 **predictive_scores(p, self.labels)}
 
     def save(self, path: str | Path) -> None:
-        """As a compressed ``.npz`` (probabilities in float16: resolution 5e-4 near 1, finer near 0)."""
-        np.savez_compressed(path, probs=self.probs.astype(np.float16), chain_probs=self.chain_probs.astype(np.float16),
+        """As a compressed ``.npz``, probabilities as 16-bit integers in units of 1/65535 (resolution 1.5e-5;
+        the many near-zero probabilities become 0 and compress to almost nothing)."""
+        np.savez_compressed(path, probs=_pack(self.probs), chain_probs=_pack(self.chain_probs),
                             labels=self.labels.astype(np.int8), meta=np.array(json.dumps(self.meta)))
 
     @classmethod
     def load(cls, path: str | Path) -> PredictiveReference:
         try:
             with np.load(path, allow_pickle=False) as f:
-                probs, chain_probs = f["probs"].astype(np.float64), f["chain_probs"].astype(np.float64)
+                probs, chain_probs = _unpack(f["probs"]), _unpack(f["chain_probs"])
                 labels, meta = f["labels"].astype(np.int64), json.loads(str(f["meta"]))
         except (OSError, KeyError, ValueError) as exc:
             raise ValueError(f"{path} is not a predictive reference file ({exc}); rebuild it with "
@@ -117,6 +118,14 @@ class PredictiveReference:
             raise ValueError(f"{path}: inconsistent shapes probs {probs.shape}, chain_probs {chain_probs.shape}, "
                              f"labels {labels.shape}")
         return cls(probs, chain_probs, labels, meta)
+
+
+def _pack(p: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(p, 0.0, 1.0) * 65535).astype(np.uint16)
+
+
+def _unpack(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float64) / 65535 if q.dtype == np.uint16 else q.astype(np.float64)
 
 
 def available_references() -> list[str]:
