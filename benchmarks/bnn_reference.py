@@ -12,7 +12,8 @@ class probabilities are averaged per chain; the reference predictive is the mean
 Its own validity, in predictive space (the posterior has symmetric modes): the total variation between
 the predictives of the first and second half of the chains (reported, and compared by
 ``benchmarks/bnn_vr.py`` with the smallest TV an SG sampler reaches), and R-hat / bulk ESS of each
-draw's mean test log-likelihood. Writes ``vr_mcmc/references/<name>.npz`` (about 65 kB: the mean and each chain's predictive, 16-bit).
+draw's mean test log-likelihood. Writes ``vr_mcmc/references/<name>.npz`` (about 65 kB: the mean and
+each chain's predictive, 16-bit).
 """
 
 from __future__ import annotations
