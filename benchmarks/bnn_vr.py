@@ -49,7 +49,7 @@ class Regime:
     batch_size: int
     num_train: int = 1347
     temperature: float = 1.0
-    steps: tuple[float, ...] = (1.5e-4, 3e-4, 6e-4)  # h, in summed-loss units
+    steps: tuple[float, ...] = (1.5e-4, 3e-4, 6e-4, 1.2e-3)  # h, in summed-loss units
 
     @property
     def problem(self) -> DigitsBNN:
@@ -63,7 +63,7 @@ REGIMES = {
     "cold": Regime("cold", 32, temperature=0.1),
     "base": Regime("base", 32),
     "large-batch": Regime("large-batch", 128),
-    "small-N": Regime("small-N", 32, num_train=300, steps=(6.75e-4, 1.35e-3, 2.7e-3)),  # the Hessian scales with N
+    "small-N": Regime("small-N", 32, num_train=300, steps=(6.75e-4, 1.35e-3, 2.7e-3, 5.4e-3)),  # Hessian ∝ N
     "small-batch": Regime("small-batch", 8),
 }
 
@@ -120,7 +120,22 @@ def first_budget(budgets, tv, target):
     return (budgets[hit[0]], hit[0]) if hit.size else (math.inf, None)
 
 
-def headline(regime: Regime, scores: dict, reference: PredictiveReference, passes: float) -> tuple[list[str], dict]:
+def seconds_per_pass(regime: Regime, lrs: dict[str, float], passes: float = 10, repeats: int = 3) -> dict[str, float]:
+    """Median wall seconds per data pass of each method at its step, chains of ``passes`` passes timed in turn
+    (SGLD, SAGA-LD, ..., SGLD, ...) so that a change of the machine's load falls on every method alike."""
+    problem = regime.problem
+    data = problem.data()
+    times: dict[str, list[float]] = {m: [] for m in lrs}
+    for r in range(repeats + 1):
+        for method, lr in lrs.items():
+            run = run_method(problem, method, lr, regime.batch_size, passes, seed=200 + r, data=data)[0]
+            if r:  # the first round warms up
+                times[method].append(run.seconds / run.passes[-1])
+    return {m: float(np.median(t)) for m, t in times.items()}
+
+
+def headline(regime: Regime, scores: dict, reference: PredictiveReference, passes: float,
+             per_pass: dict[str, float] | None = None) -> tuple[list[str], dict]:
     lines = []
     sgld = {lr: s for (m, lr), s in scores.items() if m == "SGLD"}
     if not sgld:
@@ -131,11 +146,16 @@ def headline(regime: Regime, scores: dict, reference: PredictiveReference, passe
     target = float(np.nanmean(sgld[best_lr]["tv"][:, end]))
     sgld_secs = float(np.nanmean(sgld[best_lr]["seconds"][:, end]))
     half_tv = reference.meta.get("tv_halves", math.nan)
+    if per_pass:
+        lines.append("wall s: passes x median seconds per pass (" + ", ".join(
+            f"{m} {1e3 * v:.0f} ms" for m, v in per_pass.items()) + "), timed in turn")
     lines.append(f"target: SGLD's TV at {budgets[end]:g} passes, best step h={best_lr:g}: {target:.4f} "
                  f"(seeds {np.round(sgld[best_lr]['tv'][:, end], 4).tolist()}); {sgld_secs:.1f} s. Reference's own "
                  f"TV between halves of its chains: {half_tv:.4f}")
-    lines.append(f"{'method':<9}{'best h':>9}{'passes':>8}{'(seeds)':>16}{'x SGLD':>8}{'wall s':>8}{'x SGLD':>8}"
+    lines.append(f"{'method':<9}{'best h':>9}{'passes':>8}{'(seeds)':>18}{'x SGLD':>8}{'wall s':>8}{'x SGLD':>8}"
                  f"{'TV@end':>8}{'agree@end':>10}{'noise_ratio':>12}")
+    if per_pass:
+        sgld_secs = budgets[end] * per_pass["SGLD"]
     summary = {"target_tv": target, "sgld_lr": best_lr, "sgld_seconds": sgld_secs, "reference_tv_halves": half_tv,
                "methods": {}}
     for method in dict.fromkeys(m for m, _ in scores):
@@ -149,10 +169,15 @@ def headline(regime: Regime, scores: dict, reference: PredictiveReference, passe
                 best = (b, lr, s, k)
         b, lr, s, k = best
         seeds = [first_budget(budgets, s["tv"][i], target)[0] for i in range(s["tv"].shape[0])]
-        secs = float(np.nanmean(s["seconds"][:, k])) if k is not None else math.inf
+        if k is None:
+            secs = math.inf
+        elif per_pass:  # passes × the method's median seconds per pass, timed in turn with the others
+            secs = b * per_pass[method]
+        else:
+            secs = float(np.nanmean(s["seconds"][:, k]))
         spread = f"{min(seeds):g}-{max(seeds):g}" if all(map(math.isfinite, seeds)) else \
             ",".join("never" if not math.isfinite(x) else f"{x:g}" for x in seeds)
-        lines.append(f"{method:<9}{lr:>9g}{('never' if not math.isfinite(b) else f'{b:g}'):>8}{spread:>16}"
+        lines.append(f"{method:<9}{lr:>9g}{('never' if not math.isfinite(b) else f'{b:g}'):>8}{spread:>18}"
                      f"{b / budgets[end]:>8.2f}{secs:>8.1f}{secs / sgld_secs:>8.2f}"
                      f"{np.nanmean(s['tv'][:, end]):>8.4f}{np.nanmean(s['agreement'][:, end]):>10.4f}"
                      f"{s['noise_ratio']:>12.3g}")
@@ -224,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--diagnostic-passes", type=float, default=10, help="length of the noise_ratio chain")
     p.add_argument("--rerun", action="store_true", help="ignore cached runs")
     p.add_argument("--score-only", action="store_true")
+    p.add_argument("--no-timing", action="store_true",
+                   help="wall times from the chains themselves, not from separate chains timed in turn")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
@@ -242,7 +269,12 @@ def main(argv=None) -> int:
         scores = score_regime(regime, reference, args.methods)
         if not scores:
             continue
-        lines, summary = headline(regime, scores, reference, args.passes)
+        per_pass = None
+        if not args.no_timing:
+            _, first = headline(regime, scores, reference, args.passes)
+            per_pass = seconds_per_pass(regime, {m: v["lr"] for m, v in first["methods"].items()})
+        lines, summary = headline(regime, scores, reference, args.passes, per_pass)
+        summary["seconds_per_pass"] = per_pass
         print(f"\n=== {regime.label()} (mean over {args.seeds} seeds)")
         print("\n".join(full_table(scores)))
         print("\n".join(lines), flush=True)
