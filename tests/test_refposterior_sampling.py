@@ -1,9 +1,10 @@
 """MALA and HMC against the posteriordb reference draws (issue 5, must-show 2; issues 22, 13.6).
 
 Four chains from over-dispersed starts (2× the posterior sd), each adapted in its own warmup (step
-size and a diagonal or a dense mass matrix, both for each sampler; HMC with a 20% step-size jitter, without which fixed-length trajectories gave antithetic chains with an
-R-hat of 1.02 on earnings), then compared parameter by parameter, on the constrained scale the
-reference draws are given in, with the rstan NUTS reference (10 chains × 1000 draws):
+size and a diagonal or a dense mass matrix, both for each sampler; HMC with a 20% step-size jitter,
+without which fixed-length trajectories gave antithetic chains with an R-hat of 1.02 on earnings),
+then compared parameter by parameter, on the constrained scale the reference draws are given in,
+with the rstan NUTS reference (10 chains × 1000 draws):
 
 - mean: |ours − reference| < 4 Monte Carlo standard errors, the two MCSEs (ArviZ's `mcse`, which
   accounts for autocorrelation) combined in quadrature; a correct sampler fails this with
@@ -34,6 +35,7 @@ CHAINS = 4
 RUNS = {
     "HMC-diag": ("HMC", 500, 1000, dict(num_leapfrog=10, jitter=0.2)),
     "HMC-dense": ("HMC", 500, 1000, dict(num_leapfrog=10, jitter=0.2, dense_mass=True)),
+    "MALA-diag": ("MALA", 1000, 4000, {}),
     "MALA-dense": ("MALA", 1000, 4000, dict(dense_mass=True)),
 }
 
@@ -41,6 +43,12 @@ RUNS = {
 # MALA on the three linear regressions (coefficients correlated up to ~0.99): its warmup mixes
 # slowly, so the dense metric needs a longer one, and its draws are more autocorrelated.
 LONGER = {("MALA-dense", name): (4000, 8000) for name in ("sblri-blr", "sblrc-blr", "nes1992-nes")}
+# MALA with a diagonal metric: its ESS per step falls as 1/κ, κ the condition number of the posterior's
+# correlation matrix, which no diagonal metric changes (24 on sblrc-blr and earnings, 274 on nes;
+# even the exact marginal variances as metric gave sblrc-blr an ESS of ~250 in 4 × 4,000 draws).
+LONGER.update({("MALA-diag", "sblrc-blr"): (2000, 16000),
+               ("MALA-diag", "earnings-logearn_interaction_z"): (2000, 12000),
+               ("MALA-diag", "eight_schools-eight_schools_noncentered"): (1000, 6000)})
 
 
 def sample_chains(post: refposteriors.RefPosterior, run: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +98,16 @@ def check(post: refposteriors.RefPosterior, draws: np.ndarray) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("run", list(RUNS))
-@pytest.mark.parametrize("name", list(refposteriors.POSTERIORS))
+# MALA-diag on nes1992-nes (correlation κ = 274) is measured to need ~160,000 draws per chain: 4 × 40,000
+# after a 4,000-step warmup gave min ESS 266 and R-hat 1.017. Run at the default length, it must fail.
+TOO_SLOW = {("MALA-diag", "nes1992-nes")}
+
+
+@pytest.mark.parametrize("name, run", [
+    pytest.param(name, run, marks=[pytest.mark.xfail(strict=True, reason="MALA with a diagonal metric needs ~40× "
+                                                     "the draws on a posterior with correlation κ = 274")]
+                 if (run, name) in TOO_SLOW else [])
+    for run in RUNS for name in refposteriors.POSTERIORS])
 def test_matches_reference_draws(name: str, run: str):
     post = refposteriors.POSTERIORS[name]
     draws, accept = sample_chains(post, run)
