@@ -46,6 +46,10 @@ def hmc(model: torch.nn.Module) -> torch.optim.Optimizer:
                             prior=torch_sample.priors.Normal(2.0))
 
 
+def ula(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch_sample.ULA(model.parameters(), lr=1e-2, num_data=N, prior=torch_sample.priors.Normal(2.0))
+
+
 def svrgld_sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
     """SVRG at temperature 0 (deterministic given the batches)."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -55,7 +59,7 @@ def svrgld_sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
                                loss_fn=lambda x, y: loss_fn(model, (x, y)), temperature=0.0)
 
 
-SAMPLERS = {"sgld": sgld, "sagald": sagald, "hmc": hmc, "svrg": svrgld_sgd}
+SAMPLERS = {"sgld": sgld, "sagald": sagald, "hmc": hmc, "ula": ula, "svrg": svrgld_sgd}
 
 
 def run(checkpoint=None, sampler="sgld", num_samples=300, **kw):

@@ -293,6 +293,28 @@ def test_user_rng_is_left_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_ula_runs_through_sample_with_a_warmup():
+    """ULA has no acceptance rate: the driver must not ask it to adapt (it raised before), its step
+    size stays ``lr`` through the warmup, and its posterior mean (full-data Langevin, bias O(h))
+    agrees with HMC's (an exact sampler) on the same model to within 0.25, about 4 MC SEs of the
+    difference at these run lengths (posterior sds ~0.25, ESS of ULA's 2×300 autocorrelated draws
+    ≥ ~50; ULA's relaxation time σ²/h is ~7 steps, well inside the 100 warmup steps)."""
+    ula = chain_job.run(None, "ula", num_samples=300, num_warmup=100, save_warmup=True)
+    assert (ula.sample_stats["step_size"].values == 1e-2).all()
+    assert (ula.warmup_sample_stats["step_size"].values == 1e-2).all()
+    hmc = chain_job.run(None, "hmc", num_samples=300, num_warmup=100)
+    for name in ("weight", "bias"):
+        diff = ula.posterior[name].mean(("chain", "draw")) - hmc.posterior[name].mean(("chain", "draw"))
+        assert float(abs(diff).max()) < 0.25, (name, diff.values)
+
+
+def test_ula_refuses_options_it_would_ignore():
+    theta = torch.zeros(2, requires_grad=True)
+    for option in (dict(target_accept=0.6), dict(max_energy_error=10.0), dict(dense_mass=True)):
+        with pytest.raises(TypeError):
+            torch_sample.ULA([theta], lr=0.1, **option)
+
+
 def test_sgld_posterior_is_plausible():
     """A sanity check of the minibatch path end to end: SGLD's posterior mean of the weights has the
     signs of the generating weights (1.5, -1, 0.5), with 120 examples."""

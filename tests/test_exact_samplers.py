@@ -18,22 +18,62 @@ def gaussian(theta):
     return torch_sample.log_density_closure(lambda t: -0.5 * t @ P @ t, theta)
 
 
-def test_leapfrog_is_reversible():
-    x0 = [torch.tensor([0.3, -1.2], dtype=torch.float64)]
-    r0 = [torch.tensor([1.1, 0.4], dtype=torch.float64)]
-    inv_mass = [torch.tensor([0.7, 1.9], dtype=torch.float64)]
+SIGMA = torch.tensor([[0.7, 0.3], [0.3, 1.9]], dtype=torch.float64)  # a dense M⁻¹ (positive definite)
+
+
+@pytest.mark.parametrize("metric", ["diagonal", "dense"])
+def test_leapfrog_is_reversible(metric):
+    """`leapfrog` is the integrator `HMC.step` runs (in place): 25 steps forward, flip r, 25 back."""
+    x0 = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    r0 = torch.tensor([1.1, 0.4], dtype=torch.float64)
+    inv_mass = [torch.tensor([0.7, 1.9], dtype=torch.float64)] if metric == "diagonal" else (lambda v: [SIGMA @ v[0]])
 
     def grad_fn(x):
         return True, [P @ x[0]]
 
-    x, r, g = x0, r0, [P @ x0[0]]
+    x, r = [x0.clone()], [r0.clone()]
+    g = [P @ x0]
     for _ in range(25):
         x, r, g, _ = leapfrog(x, r, g, 0.1, inv_mass, grad_fn)
+    assert float((x[0] - x0).abs().max()) > 0.1  # it moved
     r = [-m for m in r]
     for _ in range(25):
         x, r, g, _ = leapfrog(x, r, g, 0.1, inv_mass, grad_fn)
-    torch.testing.assert_close(x[0], x0[0], rtol=0, atol=1e-10)
-    torch.testing.assert_close(-r[0], r0[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(x[0], x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(-r[0], r0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("metric", ["diagonal", "dense"])
+def test_hmc_step_with_a_metric_matches_the_hand_formula(metric):
+    """One HMC step with M⁻¹ = diag(0.5, 3) or the dense SIGMA, by hand: r ~ N(0, M) from the same
+    normal draw ξ (r = ξ/√w, or L⁻ᵀξ with M⁻¹ = LLᵀ), three leapfrog steps θ += ε·M⁻¹r, and
+    H = U + ½rᵀM⁻¹r; the energy error, the acceptance and the state (new or start) agree to 1e-10."""
+    theta = torch.tensor([0.5, -0.4], dtype=torch.float64, requires_grad=True)
+    sampler = torch_sample.HMC([theta], lr=0.4, num_leapfrog=3, dense_mass=metric == "dense",
+                               generator=torch.Generator().manual_seed(4))
+    if metric == "diagonal":
+        w = torch.tensor([0.5, 3.0], dtype=torch.float64)
+        sampler.state[theta]["inv_mass"] = w.clone()
+        inv_mass = torch.diag(w)
+    else:
+        inv_mass = SIGMA
+        sampler.inv_mass_dense = SIGMA.clone()
+    chol = torch.linalg.cholesky(inv_mass)
+    start = theta.detach().clone()
+    xi = torch.randn(2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    r0 = torch.linalg.solve_triangular(chol.T, xi[:, None], upper=True)[:, 0]
+    sampler.step(gaussian(theta))
+    x, r = start.clone(), r0.clone()
+    for _ in range(3):
+        r = r - 0.2 * (P @ x)
+        x = x + 0.4 * (inv_mass @ r)
+        r = r - 0.2 * (P @ x)
+    h0 = 0.5 * float(start @ P @ start) + 0.5 * float(r0 @ inv_mass @ r0)
+    h1 = 0.5 * float(x @ P @ x) + 0.5 * float(r @ inv_mass @ r)
+    assert abs(h1 - h0) > 1e-3  # a real test of the energy, not of a zero
+    assert sampler.stats["energy_error"] == pytest.approx(h1 - h0, rel=1e-10)
+    assert sampler.stats["acceptance_rate"] == pytest.approx(min(1.0, math.exp(h0 - h1)), rel=1e-10)
+    assert torch.allclose(theta.detach(), x, rtol=0, atol=1e-10) or torch.equal(theta.detach(), start)
 
 
 @pytest.mark.parametrize("inv_mass", [None, (0.5, 3.0)])

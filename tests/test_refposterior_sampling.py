@@ -1,11 +1,10 @@
-"""MALA and HMC against the posteriordb reference draws (issue 5, must-show 2).
+"""MALA and HMC against the posteriordb reference draws (issue 5, must-show 2; issues 22, 13.6).
 
 Four chains from over-dispersed starts (2× the posterior sd), each adapted in its own warmup (step
-size and a dense mass matrix: three of the seven posteriors are linear regressions with strongly
-correlated coefficients, where a diagonal one leaves MALA with an ESS of 5 in 8,000 draws; HMC with
-a 20% step-size jitter, without which fixed-length trajectories gave antithetic chains with an
-R-hat of 1.02 on earnings), then compared parameter by parameter, on the constrained scale the
-reference draws are given in, with the rstan NUTS reference (10 chains × 1000 draws):
+size and a diagonal or a dense mass matrix, both for each sampler; HMC with a 20% step-size jitter,
+without which fixed-length trajectories gave antithetic chains with an R-hat of 1.02 on earnings),
+then compared parameter by parameter, on the constrained scale the reference draws are given in,
+with the rstan NUTS reference (10 chains × 1000 draws):
 
 - mean: |ours − reference| < 4 Monte Carlo standard errors, the two MCSEs (ArviZ's `mcse`, which
   accounts for autocorrelation) combined in quadrature; a correct sampler fails this with
@@ -32,22 +31,30 @@ az = pytest.importorskip("arviz")
 pytestmark = pytest.mark.skipif(not refposteriors.available(), reason=refposteriors.unavailable_reason() or "-")
 
 CHAINS = 4
-# sampler -> (warmup steps, draws per chain, extra options)
+# run -> (sampler, warmup steps, draws per chain, options)
 RUNS = {
-    "HMC": (500, 1000, dict(num_leapfrog=10, jitter=0.2, dense_mass=True)),
-    "MALA": (1000, 4000, dict(dense_mass=True)),
+    "HMC-diag": ("HMC", 500, 1000, dict(num_leapfrog=10, jitter=0.2)),
+    "HMC-dense": ("HMC", 500, 1000, dict(num_leapfrog=10, jitter=0.2, dense_mass=True)),
+    "MALA-diag": ("MALA", 1000, 4000, {}),
+    "MALA-dense": ("MALA", 1000, 4000, dict(dense_mass=True)),
 }
 
 
 # MALA on the three linear regressions (coefficients correlated up to ~0.99): its warmup mixes
 # slowly, so the dense metric needs a longer one, and its draws are more autocorrelated.
-LONGER = {("MALA", name): (4000, 8000) for name in ("sblri-blr", "sblrc-blr", "nes1992-nes")}
+LONGER = {("MALA-dense", name): (4000, 8000) for name in ("sblri-blr", "sblrc-blr", "nes1992-nes")}
+# MALA with a diagonal metric: its ESS per step falls as 1/κ, κ the condition number of the posterior's
+# correlation matrix, which no diagonal metric changes (24 on sblrc-blr and earnings, 274 on nes;
+# even the exact marginal variances as metric gave sblrc-blr an ESS of ~250 in 4 × 4,000 draws).
+LONGER.update({("MALA-diag", "sblrc-blr"): (2000, 16000),
+               ("MALA-diag", "earnings-logearn_interaction_z"): (2000, 12000),
+               ("MALA-diag", "eight_schools-eight_schools_noncentered"): (1000, 6000)})
 
 
-def sample_chains(post: refposteriors.RefPosterior, method: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sample_chains(post: refposteriors.RefPosterior, run: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Draws [chains, draws, dim] on the unconstrained scale, and the acceptance rates [chains, draws]."""
-    warmup, draws, options = RUNS[method]
-    warmup, draws = LONGER.get((method, post.name), (warmup, draws))
+    method, warmup, draws, options = RUNS[run]
+    warmup, draws = LONGER.get((run, post.name), (warmup, draws))
     out = np.empty((CHAINS, draws, post.dim))
     accept = np.empty((CHAINS, draws))
     for chain in range(CHAINS):
@@ -74,11 +81,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", list(RUNS))
-@pytest.mark.parametrize("name", list(refposteriors.POSTERIORS))
-def test_matches_reference_draws(name: str, method: str):
-    post = refposteriors.POSTERIORS[name]
-    draws, accept = sample_chains(post, method)
+def check(post: refposteriors.RefPosterior, draws: np.ndarray) -> list[str]:
+    """The failed criteria, one line per parameter."""
     ours = post.to_params(torch.from_numpy(draws))
     reference = post.reference()
     failures = []
@@ -91,4 +95,21 @@ def test_matches_reference_draws(name: str, method: str):
         if not (z < 4 and abs(sd_ratio - 1) < 0.1 and rhat < 1.01):
             failures.append(f"{param}: mean off by {z:.2f} MCSE, sd ratio {sd_ratio:.3f}, R-hat {rhat:.4f}, "
                             f"ESS {float(az.ess(x)):.0f}")
-    assert not failures, f"{method} on {name} (acceptance {accept.mean():.2f}):\n" + "\n".join(failures)
+    return failures
+
+
+# MALA-diag on nes1992-nes (correlation κ = 274) is measured to need ~160,000 draws per chain: 4 × 40,000
+# after a 4,000-step warmup gave min ESS 266 and R-hat 1.017. Run at the default length, it must fail.
+TOO_SLOW = {("MALA-diag", "nes1992-nes")}
+
+
+@pytest.mark.parametrize("name, run", [
+    pytest.param(name, run, marks=[pytest.mark.xfail(strict=True, reason="MALA with a diagonal metric needs ~40× "
+                                                     "the draws on a posterior with correlation κ = 274")]
+                 if (run, name) in TOO_SLOW else [])
+    for run in RUNS for name in refposteriors.POSTERIORS])
+def test_matches_reference_draws(name: str, run: str):
+    post = refposteriors.POSTERIORS[name]
+    draws, accept = sample_chains(post, run)
+    failures = check(post, draws)
+    assert not failures, f"{run} on {name} (acceptance {accept.mean():.2f}):\n" + "\n".join(failures)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["DualAveraging", "WelfordDense", "WelfordDiagonal", "terminal_start", "warmup_windows"]
+__all__ = ["DualAveraging", "WelfordDense", "WelfordDiagonal", "shrink_covariance", "terminal_start", "warmup_windows"]
 
 
 class DualAveraging:
@@ -86,14 +86,12 @@ class WelfordDiagonal:
         self.mean += delta / self.n
         self.m2 += delta * (x - self.mean)
 
-    def variance(self) -> torch.Tensor:
-        """A regularized estimate: (n/(n+5))·var + (5/(n+5))·1e-3·mean(var). Stan adds 1e-3 itself,
-        on the unconstrained scale; relative to the variances it does not swamp parameters of scale
-        0.001 (the coefficients of sblrc-blr, whose variance 1e-6 it would make 1.1e-5, forcing
-        steps 3× too small for them and leaving the noise scale σ mixing with an ESS of 5)."""
+    def variance(self, fallback: torch.Tensor | None = None) -> torch.Tensor:
+        """The regularized variances: `shrink_covariance` on the diagonal, each parameter in its own
+        scale, so one parameter's variance never sets another's floor. A parameter that did not move in
+        the window (variance 0 or not finite) keeps ``fallback`` (the previous metric; default 1)."""
         var = self.m2 / max(self.n - 1, 1)
-        floor = 1e-3 * var.mean() + torch.finfo(var.dtype).tiny
-        return (self.n / (self.n + 5.0)) * var + (5.0 / (self.n + 5.0)) * floor
+        return _keep_where_degenerate(var * _diagonal_factor(self.n, var.numel()), var, fallback)
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -115,14 +113,72 @@ class WelfordDense(WelfordDiagonal):
         self.mean += delta / self.n
         self.m2 += torch.outer(delta, x - self.mean)
 
-    def variance(self) -> torch.Tensor:
-        """A regularized covariance, shrunk toward its diagonal (positive definite for n ≥ 1):
-        (n/(n+5))·Σ + (5/(n+5))·(diag Σ + 1e-3·mean(diag Σ)·I)."""
+    def variance(self, fallback: torch.Tensor | None = None) -> torch.Tensor:
+        """The regularized covariance (`shrink_covariance`); a parameter that did not move in the window
+        keeps ``fallback``'s variance (the previous metric's diagonal; default 1), uncorrelated."""
         cov = self.m2 / max(self.n - 1, 1)
         cov = 0.5 * (cov + cov.T)
         diag = cov.diagonal()
-        target = torch.diag(diag + 1e-3 * diag.mean() + torch.finfo(cov.dtype).tiny)
-        return (self.n / (self.n + 5.0)) * cov + (5.0 / (self.n + 5.0)) * target
+        stuck = _degenerate(diag)
+        if not bool(stuck.any()):
+            return shrink_covariance(cov, self.n)
+        cov = cov.clone()
+        cov[stuck, :] = 0.0
+        cov[:, stuck] = 0.0
+        cov.diagonal()[stuck] = 1.0
+        cov = shrink_covariance(cov, self.n)
+        cov.diagonal().copy_(_keep_where_degenerate(cov.diagonal(), diag, fallback))
+        return cov
+
+
+SHRINK_WEIGHT = 5.0  # the shrinkage weight 5/(n + 5), as Stan's
+SHRINK_TARGET = 1e-4  # the identity target's scale in correlation units (Stan: 1e-3 in absolute units)
+
+
+def _shrink_target(n: int, dim: int) -> float:
+    """c of `shrink_covariance`: 1e-4, or (d/n)² (at most 1) when the window is short for the dimension
+    (the sample correlation's smallest eigenvalue is then biased low by ~(1 − √(d/n))², down to 0 for
+    n ≤ d)."""
+    return min(1.0, max(SHRINK_TARGET, (dim / max(n, 1)) ** 2))
+
+
+def _diagonal_factor(n: int, dim: int) -> float:
+    w = n / (n + SHRINK_WEIGHT)
+    return w + (1 - w) * _shrink_target(n, dim)
+
+
+def shrink_covariance(cov: torch.Tensor, n: int) -> torch.Tensor:
+    """Stan's regularization, (n/(n+5))·Σ + (5/(n+5))·c·I, done on the correlation matrix
+    R = D^(−1/2)ΣD^(−1/2) (D = diag Σ) and mapped back: Σ' = D^(1/2)[(n/(n+5))·R + (5/(n+5))·c·I]D^(1/2).
+
+    Stan's c = 1e-3 is in the unconstrained parameters' absolute units: it swamps parameters of scale
+    1e-3 (variance 1e-6 made 1.1e-5 after a 450-draw window: sblrc-blr) and, for one of scale 1, is
+    already a 2× error in a direction of variance 1e-5 (a 0.99999-correlated pair). In correlation
+    units the regularization is the same for every parameter whatever its scale (invariant under
+    rescaling any parameter), the diagonal is kept up to the common factor n/(n+5) + 5c/(n+5), and
+    c = 1e-4 (`_shrink_target`) adds ~10% (5e-4/(n+5)) to a direction of relative variance 1e-5
+    after 450 draws, while still bounding the metric's condition (in correlation units) by
+    (n+5)/(5c). The diagonal metric is this matrix's diagonal."""
+    dim = cov.shape[0]
+    scale = cov.diagonal().sqrt()
+    corr = cov / scale[:, None] / scale[None, :]
+    w = n / (n + SHRINK_WEIGHT)
+    corr = w * corr
+    corr.diagonal().copy_(torch.full_like(scale, _diagonal_factor(n, dim)))
+    return corr * scale[:, None] * scale[None, :]
+
+
+def _degenerate(var: torch.Tensor) -> torch.Tensor:
+    return ~(torch.isfinite(var) & (var > 0))
+
+
+def _keep_where_degenerate(value: torch.Tensor, var: torch.Tensor, fallback: torch.Tensor | None) -> torch.Tensor:
+    """``value`` where the raw variance ``var`` is positive and finite, else ``fallback`` (1 when None)."""
+    bad = _degenerate(var)
+    if not bool(bad.any()):
+        return value
+    fallback = torch.ones_like(value) if fallback is None else fallback.to(value)
+    return torch.where(bad, fallback, value)
 
 
 def warmup_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int | None = None,

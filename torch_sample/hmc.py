@@ -19,21 +19,30 @@ def leapfrog(
     momentum: list[torch.Tensor],
     grad: list[torch.Tensor],
     step_size: float,
-    inv_mass: list[torch.Tensor],
+    inv_mass: list[torch.Tensor] | Callable[[list[torch.Tensor]], list[torch.Tensor]],
     grad_fn: Callable[[list[torch.Tensor]], tuple[bool, list[torch.Tensor]]],
     temperature: float = 1.0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], bool]:
     """One leapfrog step of H(θ, r) = U(θ)/T + ½ rᵀM⁻¹r: r ← r − ε/2·∇U/T; θ ← θ + ε·M⁻¹r;
-    r ← r − ε/2·∇U(θ)/T. ``grad_fn(θ)`` returns (finite, ∇U(θ)). Returns (θ, r, ∇U(θ), finite)."""
+    r ← r − ε/2·∇U(θ)/T, **in place** on ``position`` and ``momentum`` (`HMC.step` passes its
+    parameters and its momentum; clone them to keep the old values). ``inv_mass`` is M⁻¹'s diagonal
+    (tensors shaped like the position) or a function v ↦ M⁻¹v (a dense metric). ``grad_fn(θ)``
+    returns (finite, ∇U(θ)), evaluated after θ is updated. Returns (θ, r, ∇U(θ), finite); when not
+    finite the momentum has had only its first half step."""
     half = 0.5 * step_size / temperature
-    r = [torch.add(m, g, alpha=-half) for m, g in zip(momentum, grad)]
-    x = [torch.addcmul(q, w, m, value=step_size) for q, w, m in zip(position, inv_mass, r)]
-    finite, new_grad = grad_fn(x)
-    if not finite:
-        return x, r, new_grad, False
-    for m, g in zip(r, new_grad):
+    for m, g in zip(momentum, grad):
         m.add_(g, alpha=-half)
-    return x, r, new_grad, True
+    if callable(inv_mass):
+        for q, v in zip(position, inv_mass(momentum)):
+            q.add_(v, alpha=step_size)
+    else:
+        for q, w, m in zip(position, inv_mass, momentum):
+            q.addcmul_(w, m, value=step_size)
+    finite, new_grad = grad_fn(position)
+    if finite:
+        for m, g in zip(momentum, new_grad):
+            m.add_(g, alpha=-half)
+    return position, momentum, new_grad, finite
 
 
 class HMC(MetropolisSampler):
@@ -82,30 +91,25 @@ class HMC(MetropolisSampler):
             u = torch.rand((), dtype=torch.float64, generator=self.generator,
                            device=self.generator.device if self.generator else None)
             eps *= 1 + self.jitter * (2 * u.item() - 1)
-        half = 0.5 * eps / temp
         params = self._params()
         inv_mass = self._inv_mass()
         start = [p.detach().clone() for p in params]
         momentum = self._noise_mass_sqrt(start)
         h0 = cur.potential / temp + self._kinetic(momentum, inv_mass)
 
-        # The leapfrog steps of `leapfrog`, in place on the parameters and on the momentum (which is ours).
-        new, r, finite = cur, momentum, True
-        for _ in range(self.num_leapfrog):
-            for m, g in zip(r, new.grads):
-                m.add_(g, alpha=-half)
-            if self.dense_mass:
-                for p, v in zip(params, self._times_inv_mass(r)):
-                    p.add_(v, alpha=eps)
-            else:
-                for p, w, m in zip(params, inv_mass, r):
-                    p.addcmul_(w, m, value=eps)
+        metric = self._times_inv_mass if self.dense_mass else inv_mass
+        new, r = cur, momentum
+
+        def grad_fn(position: list[torch.Tensor]) -> tuple[bool, list[torch.Tensor]]:
+            nonlocal new
             new = self._evaluate(closure, params)
-            if not new.finite:
-                finite = False
-                break
-            for m, g in zip(r, new.grads):
-                m.add_(g, alpha=-half)
+            return new.finite, new.grads
+
+        with self._restoring_on_error(start, cur):
+            for _ in range(self.num_leapfrog):  # in place on the parameters and on the momentum (which is ours)
+                _, _, _, finite = leapfrog(params, r, new.grads, eps, metric, grad_fn, temp)
+                if not finite:
+                    break
         energy_error = math.inf
         if finite:
             energy_error = new.potential / temp + self._kinetic(r, inv_mass) - h0

@@ -37,8 +37,9 @@ class MALA(MetropolisSampler):
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
         proposal = self._langevin_proposal(start, cur.grads)
-        self._set(proposal)
-        new = self._evaluate(closure)
+        with self._restoring_on_error(start, cur):
+            self._set(proposal)
+            new = self._evaluate(closure)
         log_alpha = -math.inf
         energy_error = math.inf
         if new.finite:
@@ -51,8 +52,10 @@ class MALA(MetropolisSampler):
             log_alpha = -energy_error + log_q(start, proposal, new.grads) - log_q(proposal, start, cur.grads)
         diverging = not new.finite or energy_error > self.max_energy_error
         accept_prob = 0.0 if diverging else min(1.0, math.exp(min(0.0, log_alpha)))
-        u = torch.rand((), generator=self.generator, device=self.generator.device if self.generator else None)
-        if not diverging and math.log(float(u)) < log_alpha:
+        # accept if u < α, as HMC: no log of u (a float32 u is exactly 0 with probability 2⁻²⁴), u in float64
+        u = torch.rand((), dtype=torch.float64, generator=self.generator,
+                       device=self.generator.device if self.generator else None)
+        if not diverging and u.item() < accept_prob:
             self._finish(new)
         else:
             self._set(start)

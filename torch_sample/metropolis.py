@@ -10,7 +10,8 @@ the cached U and ∇U of the current state. After each step ``p.grad`` holds ∇
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,11 +24,20 @@ from .priors import Prior
 __all__ = ["MetropolisSampler"]
 
 
-class _Point:
-    """U, ∇U and the parameters' version counters at one θ."""
+# Exceptions from the closure that mean "θ is outside the density's domain" (torch.distributions'
+# support checks raise ValueError, a Cholesky of a matrix that is not positive definite LinAlgError):
+# at a proposal they are a divergence, like a NaN; at the chain's start they propagate. Any other
+# exception propagates after the parameters, their .grad and the cached U are restored.
+DOMAIN_ERRORS = (ValueError, ArithmeticError, torch.linalg.LinAlgError)
 
-    def __init__(self, potential: float, grads: list[torch.Tensor], finite: bool, versions: list[int]):
+
+class _Point:
+    """U, ∇U and the parameters' version counters at one θ (``error``: the closure's domain error)."""
+
+    def __init__(self, potential: float, grads: list[torch.Tensor], finite: bool, versions: list[int],
+                 error: BaseException | None = None):
         self.potential, self.grads, self.finite, self.versions = potential, grads, finite, versions
+        self.error = error
 
 
 class MetropolisSampler(Optimizer):
@@ -36,6 +46,7 @@ class MetropolisSampler(Optimizer):
 
     default_target_accept = 0.8
     adapts_mass = False
+    adapts_step_size = True  # `adapt` tunes the step size to ``target_accept`` (all but ULA)
 
     def __init__(
         self,
@@ -182,8 +193,11 @@ class MetropolisSampler(Optimizer):
             params = self._params()
         for p in params:
             p.grad = None
-        with torch.enable_grad():
-            loss = closure()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except DOMAIN_ERRORS as error:  # outside the density's domain: a divergence, as Stan rejects on domain_error
+            return _Point(math.inf, [torch.zeros_like(p) for p in params], False, [p._version for p in params], error)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(
                 f"the closure must return the loss as a one-element tensor (after loss.backward()), got "
@@ -226,6 +240,8 @@ class MetropolisSampler(Optimizer):
                 if not bool(torch.isfinite(p).all()):
                     raise ValueError("the parameters hold NaN or inf: start the chain from finite values")
             cur = self._evaluate(closure)
+            if cur.error is not None:
+                raise cur.error
             if not cur.finite:
                 raise ValueError(
                     f"the log density at the current parameters is not finite (U = {cur.potential}): start the chain "
@@ -238,6 +254,17 @@ class MetropolisSampler(Optimizer):
     def _set(self, values: list[torch.Tensor]) -> None:
         for p, v in zip(self._params(), values):
             p.copy_(v)
+
+    @contextmanager
+    def _restoring_on_error(self, start: list[torch.Tensor], cur: _Point) -> Iterator[None]:
+        """Any exception raised inside (by the closure, or a KeyboardInterrupt) leaves the sampler at
+        ``start`` with ``cur``'s U and ∇U, as a rejection would, and then propagates."""
+        try:
+            yield
+        except BaseException:
+            self._set(start)
+            self._finish(cur)
+            raise
 
     def _finish(self, point: _Point) -> None:
         """Make ``point`` the current state: its gradient in ``.grad``, its versions recorded."""
@@ -277,7 +304,7 @@ class MetropolisSampler(Optimizer):
             if start <= t <= end:
                 self.welford.update(torch.cat([p.detach().reshape(-1) for p in self._params()]))
                 if t == end:
-                    var = self.welford.variance()
+                    var = self.welford.variance(fallback=self._metric_diagonal())
                     if self.dense_mass:
                         self.inv_mass_dense, self._chol = var, None
                     else:
@@ -292,6 +319,14 @@ class MetropolisSampler(Optimizer):
             step = self.dual.final_step_size
             self.dual.restart_calm(step)
             self._set_step_size(step)
+
+    def _metric_diagonal(self) -> torch.Tensor:
+        """The current M⁻¹'s diagonal over the flattened parameters (float64)."""
+        if self.dense_mass:
+            if self.inv_mass_dense is None:
+                return torch.ones(sum(p.numel() for p in self._params()), dtype=torch.float64)
+            return self.inv_mass_dense.diagonal()
+        return torch.cat([m.detach().reshape(-1).to(torch.float64) for m in self._inv_mass()])
 
     # -- state --------------------------------------------------------------------------------------
 

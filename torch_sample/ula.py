@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from .metropolis import MetropolisSampler
+from .priors import Prior
 
 __all__ = ["ULA"]
 
@@ -17,7 +18,15 @@ class ULA(MetropolisSampler):
     set in ``state[p]["inv_mass"]``), no Metropolis test (so a
     discretization bias of order h). A step to a non-finite U or ∇U is undone and marked
     ``diverging``. ``stats``: lp, step_size, diverging, n_steps (1), grad_evals (N). Not adapted
-    (no acceptance to aim at): ``adapt`` is refused."""
+    (no acceptance to aim at): ``adapt`` is refused, and ``vr_mcmc.sample`` runs its warmup steps
+    unadapted."""
+
+    adapts_step_size = False
+
+    def __init__(self, params: Iterable, lr: float, num_data: int = 1, *, prior: Prior | None = None,
+                 temperature: float = 1.0, generator: torch.Generator | None = None):
+        # no target_accept, max_energy_error or dense_mass: ULA has no acceptance, energy error or adapted metric
+        super().__init__(params, lr, num_data, prior=prior, temperature=temperature, generator=generator)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> torch.Tensor:
@@ -26,8 +35,9 @@ class ULA(MetropolisSampler):
         cur = self._current_point(closure)
         h, temp = self.step_size, self.temperature
         start = [p.detach().clone() for p in self._params()]
-        self._set(self._langevin_proposal(start, cur.grads))
-        new = self._evaluate(closure)
+        with self._restoring_on_error(start, cur):
+            self._set(self._langevin_proposal(start, cur.grads))
+            new = self._evaluate(closure)
         if new.finite:
             self._finish(new)
         else:

@@ -260,6 +260,7 @@ def _run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
     stream = _IndexStream(num_data, spec["batch_size"], spec["seed"] * 7919 + chain)
     closure_sampler = _is_closure_sampler(sampler)
     num_warmup, thin = spec["num_warmup"], spec["thin"]
+    adapting = closure_sampler and num_warmup > 0 and sampler.adapts_step_size  # ULA has no acceptance to adapt to
     total = num_warmup + spec["num_samples"]
     loss_fn = spec["loss_fn"]
     step, blocks = 0, {"warmup": 0, "draws": 0}
@@ -274,7 +275,7 @@ def _run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
         step, blocks, elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
     for kind in ("warmup", "draws"):
         files[kind].drop_from(blocks[kind])
-    if step == 0 and closure_sampler and num_warmup > 0:
+    if step == 0 and adapting:
         sampler.adapt(True, num_warmup=num_warmup)
 
     full_batch = fetch(torch.arange(num_data)) if closure_sampler else None
@@ -324,7 +325,7 @@ def _run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
                     loss = closure()
                     sampler.step(indices=idx, loss=loss.detach())
             step += 1
-            if closure_sampler and step == num_warmup and num_warmup > 0:
+            if adapting and step == num_warmup:
                 sampler.adapt(False)
             in_warmup = step <= num_warmup
             kept = (step - (0 if in_warmup else num_warmup)) % thin == 0
