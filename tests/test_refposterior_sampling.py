@@ -103,11 +103,18 @@ def check(post: refposteriors.RefPosterior, draws: np.ndarray) -> list[str]:
 TOO_SLOW = {("MALA-diag", "nes1992-nes")}
 
 
+def _marks(run: str, name: str) -> list:
+    marks = []
+    if (run, name) in TOO_SLOW:
+        marks.append(pytest.mark.xfail(strict=True, reason="MALA with a diagonal metric needs ~40× the draws on a "
+                                       "posterior with correlation κ = 274"))
+    if (run, name) in LONGER:  # minutes each on a 2-core CPU: run with `pytest -m slow`
+        marks.append(pytest.mark.slow)
+    return marks
+
+
 @pytest.mark.parametrize("name, run", [
-    pytest.param(name, run, marks=[pytest.mark.xfail(strict=True, reason="MALA with a diagonal metric needs ~40× "
-                                                     "the draws on a posterior with correlation κ = 274")]
-                 if (run, name) in TOO_SLOW else [])
-    for run in RUNS for name in refposteriors.POSTERIORS])
+    pytest.param(name, run, marks=_marks(run, name)) for run in RUNS for name in refposteriors.POSTERIORS])
 def test_matches_reference_draws(name: str, run: str):
     post = refposteriors.POSTERIORS[name]
     draws, accept = sample_chains(post, run)
