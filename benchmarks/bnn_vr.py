@@ -65,6 +65,7 @@ REGIMES = {
     "large-batch": Regime("large-batch", 128),
     "small-N": Regime("small-N", 32, num_train=300, steps=(6.75e-4, 1.35e-3, 2.7e-3, 5.4e-3)),  # Hessian ∝ N
     "small-batch": Regime("small-batch", 8),
+    "cold-small-batch": Regime("cold-small-batch", 8, temperature=0.1),
 }
 
 
