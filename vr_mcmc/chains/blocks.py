@@ -1,0 +1,159 @@
+"""Draw files: a chain's draws as small netCDF blocks, and their merge into one result (file or memory)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..recorder import GROUPS, dataset, observed_dataset, to_arviz
+
+__all__ = ["ChainBlocks", "block_length", "in_memory", "merge", "read_group", "write_block"]
+
+
+def write_block(path: Path, block: dict[str, dict[str, list[np.ndarray]]]) -> None:
+    """One block of a chain's draws as a small netCDF file (groups of variables over ``draw``),
+    written under a temporary name and renamed, so a crash never leaves half a block."""
+    import h5netcdf
+
+    tmp = path.with_suffix(".tmp")
+    with h5netcdf.File(tmp, "w") as f:
+        for group, columns in block.items():
+            if not columns:
+                continue
+            g = f.create_group(group)
+            for name, values in columns.items():
+                arr = np.stack(values)
+                dims = ("draw", *(f"{name}_dim_{i}" for i in range(arr.ndim - 1)))
+                for d, size in zip(dims, arr.shape):
+                    if d not in g.dimensions:
+                        g.dimensions[d] = size
+                var = g.create_variable(name, dims, data=arr.astype(np.int8) if arr.dtype == np.bool_ else arr)
+                if arr.dtype == np.bool_:
+                    var.attrs["dtype"] = "bool"  # xarray's encoding of booleans in netCDF
+    os.replace(tmp, path)
+
+
+class ChainBlocks:
+    """The block files of one chain: ``[warmup_]chain_<c>.<k>.nc``, k = 0, 1, ..."""
+
+    def __init__(self, directory: Path, chain: int, warmup: bool = False):
+        self.directory, self.stem = directory, f"{'warmup_' if warmup else ''}chain_{chain}"
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"{self.stem}.{index:06d}.nc"
+
+    def paths(self) -> list[Path]:
+        return sorted(self.directory.glob(f"{self.stem}.[0-9]*.nc"))
+
+    def drop_from(self, index: int) -> None:
+        """Deletes blocks ``index`` and later: draws made after the last checkpoint, made again."""
+        for p in self.paths():
+            if int(p.name.split(".")[-2]) >= index:
+                p.unlink()
+
+
+def block_length(path: Path, group: str) -> int:
+    """Draws in one block file (its ``draw`` dimension), without reading the data."""
+    import h5netcdf
+
+    with h5netcdf.File(path, "r") as f:
+        return f.groups[group].dimensions["draw"].size if group in f.groups else 0
+
+
+def read_group(path: Path, group: str) -> dict[str, np.ndarray]:
+    import h5netcdf
+
+    out = {}
+    with h5netcdf.File(path, "r") as f:
+        if group in f.groups:
+            for name, var in f.groups[group].variables.items():
+                if name in f.groups[group].dimensions:
+                    continue
+                value = var[...]
+                out[name] = value.astype(bool) if var.attrs.get("dtype") == "bool" else value
+    return out
+
+
+def merge(directory: Path, num_chains: int, out: Path, attrs: dict[str, Any],
+          observed_data: Mapping[str, np.ndarray]) -> None:
+    """The chains' block files -> one netCDF file with groups over (chain, draw, ...), one block in memory."""
+    import h5netcdf
+
+    tmp = out.with_suffix(".partial")
+    with h5netcdf.File(tmp, "w") as dst:
+        for warmup in (False, True):
+            chains = [ChainBlocks(directory, c, warmup).paths() for c in range(num_chains)]
+            if not all(chains):
+                continue
+            for group in GROUPS:
+                _merge_group(dst, chains, group, ("warmup_" if warmup else "") + group, attrs)
+        if observed_data:
+            g = dst.create_group("observed_data")
+            for name, value in observed_data.items():
+                dims = tuple(f"{name}_dim_{i}" for i in range(value.ndim))
+                for d, size in zip(dims, value.shape):
+                    g.dimensions[d] = size
+                g.create_variable(name, dims, data=value)
+            g.attrs.update({k: attrs[k] for k in ("created_at", "inference_library") if k in attrs})
+    os.replace(tmp, out)
+
+
+def _merge_group(dst: Any, chains: list[list[Path]], group: str, name_out: str, attrs: dict[str, Any]) -> None:
+    """One group of every chain's blocks into ``dst[name_out]``, over (chain, draw, ...)."""
+    first = read_group(chains[0][0], group)
+    if not first:
+        return
+    num_chains = len(chains)
+    lengths = [sum(block_length(p, group) for p in paths) for paths in chains]
+    n = min(lengths)
+    g = dst.create_group(name_out)
+    g.dimensions["chain"] = num_chains
+    g.dimensions["draw"] = n
+    g.create_variable("chain", ("chain",), data=np.arange(num_chains))
+    g.create_variable("draw", ("draw",), data=np.arange(n))
+    variables = {}
+    for name, value in first.items():
+        dims = ("chain", "draw", *(f"{name}_dim_{i}" for i in range(value.ndim - 1)))
+        for d, size in zip(dims[2:], value.shape[1:]):
+            g.dimensions[d] = size
+        dtype = np.int8 if value.dtype == np.bool_ else value.dtype
+        chunks = (1, max(1, min(n, 2**20 // max(1, value[0].size))), *value.shape[1:])
+        variables[name] = g.create_variable(name, dims, dtype=dtype, chunks=chunks)
+        if value.dtype == np.bool_:
+            variables[name].attrs["dtype"] = "bool"
+    for c, paths in enumerate(chains):
+        start = 0
+        for p in paths:
+            block = read_group(p, group)
+            size = min(len(next(iter(block.values()))), n - start)
+            for name, value in block.items():
+                variables[name][c, start : start + size] = value[:size]
+            start += size
+    g.attrs.update(attrs)
+
+
+def in_memory(directory: Path, num_chains: int, attrs: dict[str, Any], observed: Mapping[str, np.ndarray]) -> Any:
+    """Reads the chains' blocks into memory (a run without ``checkpoint``) and builds the ArviZ object."""
+
+    groups = {}
+    for warmup in (False, True):
+        chains = [ChainBlocks(directory, c, warmup).paths() for c in range(num_chains)]
+        if not all(chains):
+            continue
+        for group in GROUPS:
+            columns: dict[str, list[np.ndarray]] = {}
+            for paths in chains:
+                parts = [read_group(p, group) for p in paths]
+                for name in parts[0]:
+                    columns.setdefault(name, []).append(np.concatenate([part[name] for part in parts]))
+            if columns:
+                n = min(len(a) for v in columns.values() for a in v)
+                groups[("warmup_" if warmup else "") + group] = dataset(
+                    {k: np.stack([a[:n] for a in v]) for k, v in columns.items()})
+    if observed:
+        groups["observed_data"] = observed_dataset(observed)
+    return to_arviz(groups, **attrs)

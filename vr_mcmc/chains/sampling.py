@@ -1,0 +1,123 @@
+"""The public `sample`: checks the arguments, runs the chains (sequential or parallel), returns ArviZ data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..recorder import Recorder, run_attrs
+from .blocks import ChainBlocks, in_memory, merge
+from .checkpoint import RESULTS_FILE, manifest, open_results, prepare_directory
+from .parallel import run_parallel
+from .runner import run_chain
+from .stream import as_data
+
+__all__ = ["sample"]
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def sample(
+    model_fn: Callable[[], torch.nn.Module],
+    sampler_fn: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
+    data: Any,
+    *,
+    batch_size: int,
+    num_warmup: int,
+    num_samples: int,
+    num_chains: int = 4,
+    thin: int = 1,
+    record: Sequence[str] | Mapping[str, Callable] | None = None,
+    log_likelihood: Callable | Mapping[str, Callable] | None = None,
+    observed_data: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    chain_method: str = "sequential",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+    save_warmup: bool = False,
+) -> Any:
+    """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
+
+    ``model_fn()`` -> a fresh model (seeded per chain by ``torch.manual_seed(seed + chain)``);
+    ``sampler_fn(model)`` -> its sampler (a torch_sample sampler whose ``num_data`` is N);
+    ``loss_fn(model, batch)`` -> the batch mean NLL, ``batch`` = the data's tensors at a batch of
+    indices (a tuple). ``batch_size`` is used by minibatch samplers (closure samplers see all data).
+    ``num_warmup`` steps adapt (MALA/HMC) and are dropped (kept in ``warmup_*`` with ``save_warmup``);
+    ``num_samples`` counts the steps after warmup, of which every ``thin``-th is kept, as NumPyro and
+    Stan do: ``num_samples=1000, thin=2`` gives 500 draws per chain.
+    ``record``/``log_likelihood``/``observed_data``: as `Recorder`. ``chain_method="parallel"`` runs
+    each chain in its own process (spawn; one torch thread each; the functions must be picklable,
+    i.e. defined at module level) and gives the draws of ``"sequential"``. ``checkpoint``: a
+    directory for the draws and the resumable state, saved every ``checkpoint_every`` draws.
+
+    Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
+    sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
+    """
+    _check_int("num_chains", num_chains, 1)
+    _check_int("num_warmup", num_warmup, 0)
+    _check_int("num_samples", num_samples, 1)
+    _check_int("thin", thin, 1)
+    if thin > num_samples:
+        raise ValueError(f"thin={thin} keeps every {thin}-th of the num_samples={num_samples} steps after warmup, "
+                         "so no draw: num_samples counts steps (as in NumPyro), e.g. num_samples=draws * thin")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    _check_int("seed", seed, 0)
+    if chain_method not in ("sequential", "parallel"):
+        raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
+    for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    num_data, _ = as_data(data)
+    if batch_size > num_data:
+        raise ValueError(f"batch_size {batch_size} is larger than the data ({num_data} examples)")
+    Recorder(record, log_likelihood, observed_data)  # checks the arguments before any work
+    observed = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                for k, v in (observed_data or {}).items()}
+
+    persistent = checkpoint is not None
+    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
+    directory = Path(checkpoint) if persistent else Path(tmp_dir)
+    spec = dict(model_fn=model_fn, sampler_fn=sampler_fn, loss_fn=loss_fn, data=data, batch_size=batch_size,
+                num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
+                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
+                checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
+                parallel=chain_method == "parallel", threads=1 if chain_method == "parallel" else None)
+    try:
+        finished = prepare_directory(directory, manifest(spec)) if persistent else False
+        if not finished:
+            start = time.perf_counter()
+            if chain_method == "parallel":
+                summaries = run_parallel(spec)
+            else:
+                with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+                    summaries = [run_chain(spec, c) for c in range(num_chains)]
+            wall = time.perf_counter() - start
+            # a resumed run counts the time of its earlier parts too (saved with each checkpoint)
+            sampling_time = float(sum(s["elapsed"] for s in summaries)) if persistent else wall
+            attrs = {"sampling_time": sampling_time, "tuning_steps": num_warmup, "num_chains": num_chains,
+                     "thin": thin, "chain_method": chain_method}
+            if not persistent:
+                return in_memory(directory, num_chains, attrs, observed)
+            merge(directory, num_chains, directory / RESULTS_FILE, run_attrs(**attrs), observed)
+            for chain in range(num_chains):  # merged: the blocks would only double the disk used
+                for warmup in (False, True):
+                    ChainBlocks(directory, chain, warmup).drop_from(0)
+        return open_results(directory / RESULTS_FILE)
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
