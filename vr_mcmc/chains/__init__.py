@@ -1,7 +1,7 @@
 """The chain manager: `sample` runs chains of any torch_sample sampler and returns ArviZ data (DESIGN.md §7).
 
-After NumPyro's ``MCMC``: per chain, ``torch.manual_seed(seed + chain)``, a fresh model from
-``model_fn()`` and its sampler from ``sampler_fn(model)``; ``num_warmup`` steps (with adaptation
+After NumPyro's ``MCMC``: per chain, ``torch.manual_seed(s)`` with s from `chain_seeds` (SeedSequence-style),
+a fresh model from ``model_fn()`` and its sampler from ``sampler_fn(model)``; ``num_warmup`` steps (with adaptation
 for MALA/HMC), then ``num_samples`` steps keeping every ``thin``-th (``num_samples // thin`` draws,
 as NumPyro and Stan thin). Minibatch samplers get
 uniform batches of indices (a fresh seeded permutation each epoch); closure samplers (ULA, MALA,
@@ -23,5 +23,6 @@ chain), `parallel` (chains in worker processes), `sampling` (the public `sample`
 from .checkpoint import CheckpointError
 from .sampling import sample
 from .stream import IndexStream as _IndexStream  # noqa: F401  (the name before the split; tests use it)
+from .stream import chain_seeds
 
-__all__ = ["CheckpointError", "sample"]
+__all__ = ["CheckpointError", "chain_seeds", "sample"]

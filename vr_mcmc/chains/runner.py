@@ -14,7 +14,7 @@ import torch
 from ..recorder import Recorder
 from .blocks import ChainBlocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
-from .stream import IndexStream, as_data
+from .stream import IndexStream, as_data, chain_seeds
 
 __all__ = ["ChainRunner", "run_chain"]
 
@@ -28,8 +28,8 @@ def is_closure_sampler(sampler: Any) -> bool:
 
 
 def build(spec: dict[str, Any], chain: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The chain's model and sampler, seeded by ``torch.manual_seed(seed + chain)``."""
-    torch.manual_seed(spec["seed"] + chain)
+    """The chain's model and sampler, seeded by ``torch.manual_seed(chain_seeds(seed, chain)[0])``."""
+    torch.manual_seed(chain_seeds(spec["seed"], chain)[0])
     model = spec["model_fn"]()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model_fn() must return a torch.nn.Module, got {type(model).__name__}")
@@ -50,7 +50,7 @@ class ChainRunner:
         self.model, self.sampler = build(spec, chain)
         self.recorder = Recorder(spec["record"], spec["log_likelihood"])
         self.num_data, self.fetch = as_data(spec["data"])
-        self.stream = IndexStream(self.num_data, spec["batch_size"], spec["seed"] * 7919 + chain)
+        self.stream = IndexStream(self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
         self.closure_sampler = is_closure_sampler(self.sampler)
         self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
         self.total = self.num_warmup + spec["num_samples"]

@@ -52,7 +52,7 @@ def sample(
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
-    ``model_fn()`` -> a fresh model (seeded per chain by ``torch.manual_seed(seed + chain)``);
+    ``model_fn()`` -> a fresh model (seeded per chain by ``torch.manual_seed(chain_seeds(seed, chain)[0])``);
     ``sampler_fn(model)`` -> its sampler (a torch_sample sampler whose ``num_data`` is N);
     ``loss_fn(model, batch)`` -> the batch mean NLL, ``batch`` = the data's tensors at a batch of
     indices (a tuple). ``batch_size`` is used by minibatch samplers (closure samplers see all data).

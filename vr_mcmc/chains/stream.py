@@ -7,7 +7,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["IndexStream", "as_data"]
+__all__ = ["IndexStream", "as_data", "chain_seeds"]
+
+
+def chain_seeds(seed: int, chain: int) -> tuple[int, int]:
+    """(torch seed, batch-stream seed) of chain ``chain`` of a run with ``seed``, derived as NumPy's
+    ``SeedSequence(seed).spawn(...)[chain]`` derives them: runs with different seeds share no chain (a
+    plain ``seed + chain`` would make chain c of seed s the chain c−1 of seed s+1)."""
+    import numpy as np
+
+    words = np.random.SeedSequence(seed, spawn_key=(chain,)).generate_state(2, np.uint32)
+    return int(words[0]), int(words[1])
 
 
 class IndexStream:
