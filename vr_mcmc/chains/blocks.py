@@ -136,24 +136,42 @@ def _merge_group(dst: Any, chains: list[list[Path]], group: str, name_out: str, 
     g.attrs.update(attrs)
 
 
-def in_memory(directory: Path, num_chains: int, attrs: dict[str, Any], observed: Mapping[str, np.ndarray]) -> Any:
-    """Reads the chains' blocks into memory (a run without ``checkpoint``) and builds the ArviZ object."""
-
+def in_memory(directory: Path, num_chains: int, attrs: dict[str, Any], observed: Mapping[str, np.ndarray],
+              partial: bool = False) -> Any:
+    """Reads the chains' blocks into memory (a run without ``checkpoint``) and builds the ArviZ object.
+    ``partial``: the draws of an interrupted run: only the chains with draws, the shorter ones padded
+    with NaN to the longest (booleans and integers become floats), so that no draw is dropped."""
     groups = {}
     for warmup in (False, True):
         chains = [ChainBlocks(directory, c, warmup).paths() for c in range(num_chains)]
-        if not all(chains):
+        kept = [c for c in range(num_chains) if chains[c]] if partial else list(range(num_chains))
+        if not kept or not all(chains[c] for c in kept):
             continue
         for group in GROUPS:
             columns: dict[str, list[np.ndarray]] = {}
-            for paths in chains:
-                parts = [read_group(p, group) for p in paths]
+            for c in kept:
+                parts = [read_group(p, group) for p in chains[c]]
                 for name in parts[0]:
                     columns.setdefault(name, []).append(np.concatenate([part[name] for part in parts]))
             if columns:
-                n = min(len(a) for v in columns.values() for a in v)
+                stack = _pad if partial else _truncate
                 groups[("warmup_" if warmup else "") + group] = dataset(
-                    {k: np.stack([a[:n] for a in v]) for k, v in columns.items()})
+                    {k: stack(v) for k, v in columns.items()}, chains=kept)
     if observed:
         groups["observed_data"] = observed_dataset(observed)
     return to_arviz(groups, **attrs)
+
+
+def _truncate(arrays: list[np.ndarray]) -> np.ndarray:
+    n = min(len(a) for a in arrays)
+    return np.stack([a[:n] for a in arrays])
+
+
+def _pad(arrays: list[np.ndarray]) -> np.ndarray:
+    n = max(len(a) for a in arrays)
+    if all(len(a) == n for a in arrays):
+        return np.stack(arrays)
+    out = np.full((len(arrays), n, *arrays[0].shape[1:]), np.nan)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out

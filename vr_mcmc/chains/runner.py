@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Mapping
@@ -73,12 +74,16 @@ class ChainRunner:
         for kind in KINDS:
             self.files[kind].drop_from(self.blocks[kind])
 
-    def flush_and_checkpoint(self) -> None:
+    def flush(self) -> None:
+        """Writes the buffered draws as blocks."""
         for kind in KINDS:
             if self.buffers[kind]:
                 write_block(self.files[kind].path(self.blocks[kind]), self.buffers[kind])
                 self.blocks[kind] += 1
                 self.buffers[kind] = {}
+
+    def flush_and_checkpoint(self) -> None:
+        self.flush()
         if self.spec["persistent"]:
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -160,6 +165,12 @@ class ChainRunner:
                         bar.set_postfix_str(_postfix(self.sampler.stats), refresh=False)
                 if step % (every * self.thin) == 0 or step == total or (step == num_warmup and num_warmup > 0):
                     self.flush_and_checkpoint()
+        except BaseException:
+            # keep the draws made since the last block (for the partial result); a resume drops them,
+            # since they lie after the last checkpoint, and makes them again
+            with contextlib.suppress(Exception):
+                self.flush()
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -101,11 +101,11 @@ def sample(
         finished = prepare_directory(directory, manifest(spec)) if persistent else False
         if not finished:
             start = time.perf_counter()
-            if chain_method == "parallel":
-                summaries = run_parallel(spec)
-            else:
-                with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
-                    summaries = [run_chain(spec, c) for c in range(num_chains)]
+            try:
+                summaries = _run_chains(spec)
+            except (Exception, KeyboardInterrupt) as exc:
+                _attach_partial(exc, spec, observed, time.perf_counter() - start)
+                raise
             wall = time.perf_counter() - start
             # a resumed run counts the time of its earlier parts too (saved with each checkpoint)
             sampling_time = float(sum(s["elapsed"] for s in summaries)) if persistent else wall
@@ -121,3 +121,34 @@ def sample(
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _run_chains(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    if spec["parallel"]:
+        return run_parallel(spec)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        return [run_chain(spec, c) for c in range(spec["num_chains"])]
+
+
+def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[str, np.ndarray],
+                    wall: float) -> None:
+    """Attaches the draws made before ``exc`` to it: ``exc.partial`` (ArviZ data of the chains with
+    draws, shorter chains padded with NaN; None if none or unreadable) and ``exc.checkpoint`` (the
+    checkpoint directory, where a call with the same arguments resumes; None without ``checkpoint=``)."""
+    directory = Path(spec["directory"])
+    attrs = {"sampling_time": wall, "tuning_steps": spec["num_warmup"], "num_chains": spec["num_chains"],
+             "thin": spec["thin"], "chain_method": "parallel" if spec["parallel"] else "sequential"}
+    drawn = any(ChainBlocks(directory, c, w).paths() for c in range(spec["num_chains"]) for w in (False, True))
+    try:
+        partial = in_memory(directory, spec["num_chains"], attrs, observed, partial=True) if drawn else None
+    except Exception:  # unreadable blocks (a full disk, say): in a checkpoint directory they are resumed from
+        partial = None
+    try:
+        exc.partial = partial
+        exc.checkpoint = str(directory) if spec["persistent"] else None
+    except AttributeError:  # an exception type that takes no attributes
+        return
+    if hasattr(exc, "add_note"):
+        where = f"; resume it with the same call (checkpoint={str(directory)!r})" if spec["persistent"] else ""
+        exc.add_note(f"vr_mcmc.sample: the draws made before this error are attached as the exception's "
+                     f".partial (ArviZ data){where}")
