@@ -166,7 +166,7 @@ def test_kill_and_resume_gives_the_uninterrupted_draws(tmp_path):
     same_draws(resumed, uninterrupted)
 
 
-def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path):
+def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path, monkeypatch):
     directory = tmp_path / "run"
     chain_job.run(directory, "sgld", num_samples=30)
     digest = tree_digest(directory)
@@ -174,7 +174,11 @@ def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path):
         chain_job.run(directory, "sgld", num_samples=40)
     assert tree_digest(directory) == digest
 
-    (directory / "results.nc").unlink()  # as if it had died before merging
+    directory = tmp_path / "unmerged"
+    with monkeypatch.context() as m:  # as if it had died before merging
+        m.setattr("vr_mcmc.chains.sampling._finish", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            chain_job.run(directory, "sgld", num_samples=30)
     (directory / "chain_0.pt").write_bytes(b"not a checkpoint")
     digest = tree_digest(directory)
     with pytest.raises(vr_mcmc.CheckpointError, match=r"chain_0\.pt cannot be read"):

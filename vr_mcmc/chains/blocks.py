@@ -10,16 +10,28 @@ from typing import Any
 import numpy as np
 
 from ..recorder import GROUPS, dataset, observed_dataset, to_arviz
+from .checkpoint import CheckpointError, disk_guard, file_entry, verify_file
 
-__all__ = ["ChainBlocks", "block_length", "in_memory", "merge", "read_group", "write_block"]
+__all__ = ["ChainBlocks", "block_length", "in_memory", "merge", "read_group", "verify_blocks", "write_block"]
 
 
-def write_block(path: Path, block: dict[str, dict[str, list[np.ndarray]]]) -> None:
+def write_block(path: Path, block: dict[str, dict[str, list[np.ndarray]]]) -> dict[str, Any]:
     """One block of a chain's draws as a small netCDF file (groups of variables over ``draw``),
-    written under a temporary name and renamed, so a crash never leaves half a block."""
+    written under a temporary name and renamed, so a crash never leaves half a block; returns its
+    entry for the chain's block list (file, bytes, sha256, draws)."""
+    tmp = path.with_suffix(".tmp")
+    needed = 2 * sum(np.asarray(v).nbytes for columns in block.values() for values in columns.values()
+                     for v in values) + 256 * 1024
+    with disk_guard(path.parent, needed, f"the draws {path.name}", tmp):
+        _write_netcdf(tmp, block)
+        os.replace(tmp, path)
+    draws = max((len(values) for columns in block.values() for values in columns.values()), default=0)
+    return file_entry(path, draws)
+
+
+def _write_netcdf(tmp: Path, block: dict[str, dict[str, list[np.ndarray]]]) -> None:
     import h5netcdf
 
-    tmp = path.with_suffix(".tmp")
     with h5netcdf.File(tmp, "w") as f:
         for group, columns in block.items():
             if not columns:
@@ -34,7 +46,6 @@ def write_block(path: Path, block: dict[str, dict[str, list[np.ndarray]]]) -> No
                 var = g.create_variable(name, dims, data=arr.astype(np.int8) if arr.dtype == np.bool_ else arr)
                 if arr.dtype == np.bool_:
                     var.attrs["dtype"] = "bool"  # xarray's encoding of booleans in netCDF
-    os.replace(tmp, path)
 
 
 class ChainBlocks:
@@ -78,35 +89,72 @@ def read_group(path: Path, group: str) -> dict[str, np.ndarray]:
     return out
 
 
-def merge(directory: Path, num_chains: int, out: Path, attrs: dict[str, Any],
+def verify_blocks(directory: Path, chain: int, index: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Checks that the blocks a chain's checkpoint lists are on disk as they were written."""
+    stems = " ".join(f"{ChainBlocks(directory, chain, w).stem}.*.nc" for w in (False, True))
+    fix = (f"Restore the file, or delete chain_{chain}.pt and {stems} to draw chain {chain} again from its start "
+           "(same call, same arguments)")
+    for entries in index.values():
+        for entry in entries:
+            verify_file(directory, entry, fix)
+
+
+def merge(directory: Path, indexes: list[Mapping[str, list[dict[str, Any]]]], out: Path, attrs: dict[str, Any],
           observed_data: Mapping[str, np.ndarray]) -> None:
-    """The chains' block files -> one netCDF file with groups over (chain, draw, ...), one block in memory."""
+    """The chains' block files (``indexes[c]``: chain c's block lists, verified here) -> one netCDF file
+    with groups over (chain, draw, ...), one block in memory; the file is checked before it is renamed."""
     import h5netcdf
 
+    for c, index in enumerate(indexes):
+        verify_blocks(directory, c, index)
+    expected = {}
     tmp = out.with_suffix(".partial")
-    with h5netcdf.File(tmp, "w") as dst:
-        for warmup in (False, True):
-            chains = [ChainBlocks(directory, c, warmup).paths() for c in range(num_chains)]
-            if not all(chains):
-                continue
-            for group in GROUPS:
-                _merge_group(dst, chains, group, ("warmup_" if warmup else "") + group, attrs)
-        if observed_data:
-            g = dst.create_group("observed_data")
-            for name, value in observed_data.items():
-                dims = tuple(f"{name}_dim_{i}" for i in range(value.ndim))
-                for d, size in zip(dims, value.shape):
-                    g.dimensions[d] = size
-                g.create_variable(name, dims, data=value)
-            g.attrs.update({k: attrs[k] for k in ("created_at", "inference_library") if k in attrs})
-    os.replace(tmp, out)
+    needed = sum(e["bytes"] for index in indexes for entries in index.values() for e in entries) + 2**20
+    with disk_guard(directory, needed, f"the merged {out.name}", tmp):
+        with h5netcdf.File(tmp, "w") as dst:
+            for warmup, kind in ((False, "draws"), (True, "warmup")):
+                chains = [[directory / e["file"] for e in index[kind]] for index in indexes]
+                if not all(chains):
+                    continue
+                lengths = {sum(e["draws"] for e in index[kind]) for index in indexes}
+                if len(lengths) != 1:
+                    raise CheckpointError(f"the chains in {directory} hold different numbers of {kind} "
+                                          f"({sorted(lengths)}); nothing was merged. Delete the shorter chains' "
+                                          "files to redraw them")
+                n = lengths.pop()
+                for group in GROUPS:
+                    name = ("warmup_" if warmup else "") + group
+                    if _merge_group(dst, chains, group, name, attrs):
+                        expected[name] = n
+            if observed_data:
+                g = dst.create_group("observed_data")
+                for name, value in observed_data.items():
+                    dims = tuple(f"{name}_dim_{i}" for i in range(value.ndim))
+                    for d, size in zip(dims, value.shape):
+                        g.dimensions[d] = size
+                    g.create_variable(name, dims, data=value)
+                g.attrs.update({k: attrs[k] for k in ("created_at", "inference_library") if k in attrs})
+        _check_merged(tmp, expected, len(indexes))
+        os.replace(tmp, out)
 
 
-def _merge_group(dst: Any, chains: list[list[Path]], group: str, name_out: str, attrs: dict[str, Any]) -> None:
-    """One group of every chain's blocks into ``dst[name_out]``, over (chain, draw, ...)."""
+def _check_merged(path: Path, expected: Mapping[str, int], num_chains: int) -> None:
+    """Reads the merged file back: every group with (chain, draw) sizes as the blocks say."""
+    import h5netcdf
+
+    with h5netcdf.File(path, "r") as f:
+        for name, draws in expected.items():
+            sizes = (f.groups[name].dimensions["chain"].size, f.groups[name].dimensions["draw"].size)
+            if sizes != (num_chains, draws):
+                raise CheckpointError(f"the merged {path} has {sizes} (chain, draw) in {name}, not "
+                                      f"{(num_chains, draws)}; the blocks are kept: call again to merge again")
+
+
+def _merge_group(dst: Any, chains: list[list[Path]], group: str, name_out: str, attrs: dict[str, Any]) -> bool:
+    """One group of every chain's blocks into ``dst[name_out]``, over (chain, draw, ...); False if none."""
     first = read_group(chains[0][0], group)
     if not first:
-        return
+        return False
     num_chains = len(chains)
     lengths = [sum(block_length(p, group) for p in paths) for paths in chains]
     n = min(lengths)
@@ -134,6 +182,7 @@ def _merge_group(dst: Any, chains: list[list[Path]], group: str, name_out: str, 
                 variables[name][c, start : start + size] = value[:size]
             start += size
     g.attrs.update(attrs)
+    return True
 
 
 def in_memory(directory: Path, num_chains: int, attrs: dict[str, Any], observed: Mapping[str, np.ndarray],

@@ -1,10 +1,16 @@
-"""The checkpoint directory: its manifest (which run it holds), per-chain state files, the merged results."""
+"""The checkpoint directory: its manifest (which run it holds, with what options; the blocks and the
+checksum of the merged results once finished), per-chain state files, checksums, and a full disk."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +18,91 @@ import torch
 
 from ..recorder import Recorder, arviz_major
 
-__all__ = ["MANIFEST_FILE", "RESULTS_FILE", "CheckpointError", "load_checkpoint", "manifest", "open_results",
-           "prepare_directory", "save_atomic"]
+__all__ = ["MANIFEST_FILE", "RESULTS_FILE", "CheckpointError", "DiskFullError", "disk_guard", "file_entry",
+           "load_checkpoint", "manifest", "open_results", "prepare_directory", "save_atomic", "verify_file",
+           "write_manifest"]
 
 RESULTS_FILE = "results.nc"
 MANIFEST_FILE = "manifest.json"
+FORMAT = 2
+UNCOMPARED = ("run_id", "results", "blocks")  # what a finished run adds to its manifest
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be resumed: another run's, or damaged."""
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+class DiskFullError(OSError, CheckpointError):
+    """The disk holding the draws is full (an OSError with errno ENOSPC, and a CheckpointError)."""
+
+
+# -- files --------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: Path, draws: int | None = None) -> dict[str, Any]:
+    """What the manifest and the chain checkpoints record of a file: name, bytes, sha256 (and draws)."""
+    entry = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
+    if draws is not None:
+        entry["draws"] = draws
+    return entry
+
+
+def verify_file(directory: Path, entry: Mapping[str, Any], fix: str) -> None:
+    """Raises CheckpointError if the file is missing, truncated or changed since ``entry`` was taken."""
+    path = directory / entry["file"]
+    if not path.exists():
+        problem = "is missing"
+    elif path.stat().st_size != entry["bytes"]:
+        problem = f"has {path.stat().st_size} bytes where {entry['bytes']} were written (truncated or replaced)"
+    elif sha256(path) != entry["sha256"]:
+        problem = "does not match its checksum (corrupted or replaced)"
+    else:
+        return
+    raise CheckpointError(f"{path} {problem}; nothing was changed. {fix}")
+
+
+@contextlib.contextmanager
+def disk_guard(directory: Path, needed: int, what: str, tmp: Path | None = None) -> Iterator[None]:
+    """Checks the free space before a write and turns a full disk during it (ENOSPC, EDQUOT, or
+    torch.save's "unexpected pos" and HDF5's write errors when the disk is full) into a `DiskFullError`
+    naming the directory and the space needed; the partial file ``tmp`` is removed."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise _disk_full(directory, needed, free, what)
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        free = shutil.disk_usage(directory).free
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
+            raise _disk_full(directory, needed, free, what) from exc
+        raise
+
+
+def _disk_full(directory: Path, needed: int, free: int, what: str) -> DiskFullError:
+    return DiskFullError(errno.ENOSPC, (
+        f"no space left to write {what} in {directory}: {free / 2**20:.2f} MiB free, about {needed / 2**20:.2f} MiB "
+        "needed. The draws and checkpoints written before are intact: free space (or move the directory to a "
+        "larger disk) and call again with the same arguments to resume"), str(directory))
+
+
+def save_atomic(obj: Any, path: Path, needed: int) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_guard(path.parent, needed, f"the checkpoint {path.name}", tmp):
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -41,20 +115,47 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-def manifest(spec: dict[str, Any]) -> dict[str, Any]:
+# -- the manifest --------------------------------------------------------------------------------------
+
+
+def manifest(spec: dict[str, Any], fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     record = spec["record"]
     return {
-        "format": 1,
+        "format": FORMAT,
         "num_chains": spec["num_chains"], "num_warmup": spec["num_warmup"], "num_samples": spec["num_samples"],
         "thin": spec["thin"], "seed": spec["seed"], "batch_size": spec["batch_size"],
         "save_warmup": spec["save_warmup"], "checkpoint_every": spec["checkpoint_every"],
         "record": None if record is None else sorted(record) if isinstance(record, Mapping) else list(record),
         "log_likelihood": sorted(Recorder(None, spec["log_likelihood"]).log_likelihood),
+        **{k: json.loads(json.dumps(v)) for k, v in fingerprint.items()},
     }
 
 
-def prepare_directory(directory: Path, manifest: dict[str, Any]) -> bool:
-    """Creates or checks the checkpoint directory; True if it holds a finished run."""
+def write_manifest(directory: Path, content: Mapping[str, Any]) -> None:
+    path = directory / MANIFEST_FILE
+    tmp = path.with_suffix(".tmp")
+    text = json.dumps(content, indent=1)
+    with disk_guard(directory, len(text) + 4096, MANIFEST_FILE, tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, (Mapping, list)) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def prepare_directory(directory: Path, wanted: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Creates or checks the checkpoint directory; (its manifest, whether it holds a verified finished run)."""
     path = directory / MANIFEST_FILE
     if path.exists():
         try:
@@ -62,20 +163,50 @@ def prepare_directory(directory: Path, manifest: dict[str, Any]) -> bool:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is damaged ({exc}); nothing was changed. Use a new checkpoint directory, "
                                   "or restore the file") from exc
-        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        saved = _flatten({k: v for k, v in old.items() if k not in UNCOMPARED})
+        asked = _flatten({k: v for k, v in wanted.items() if k not in UNCOMPARED})
+        diff = [k for k in sorted(set(saved) | set(asked), key=str) if saved.get(k) != asked.get(k)]
         if diff:
-            listed = ", ".join(f"{k}: saved {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+            listed = ", ".join(f"{k}: saved {saved.get(k)!r}, asked {asked.get(k)!r}" for k in diff)
             raise CheckpointError(f"the checkpoint directory {directory} holds another run ({listed}); nothing was "
                                   "changed. Call with the same arguments to resume it, or give a new directory")
-        return (directory / RESULTS_FILE).exists()
-    if directory.exists() and any(directory.iterdir()):
+        return old, _finished(directory, old)
+    leftovers = {p.name for p in directory.iterdir()} if directory.exists() else set()
+    if leftovers - {path.with_suffix(".tmp").name}:  # a manifest.tmp alone: a crash before its rename
         raise CheckpointError(f"the checkpoint directory {directory} is not empty and holds no {MANIFEST_FILE}: it is "
                               "not a vr_mcmc run; nothing was changed. Give a new or empty directory")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-    return False
+    content = {**wanted, "run_id": uuid.uuid4().hex}
+    write_manifest(directory, content)
+    return content, False
+
+
+def _finished(directory: Path, content: Mapping[str, Any]) -> bool:
+    """True if the manifest records merged results and ``results.nc`` is exactly that file."""
+    results = directory / RESULTS_FILE
+    entry = content.get("results")
+    if entry is None:
+        if results.exists() and results_run_id(results) != content.get("run_id"):
+            raise CheckpointError(f"{results} is not this run's (its run_id differs from {MANIFEST_FILE}'s); nothing "
+                                  "was changed. Move it away, then call again to resume this run")
+        return False  # none, or this run's own merge that died before the manifest recorded it: merged again
+    fix = (f"This run finished and its blocks were removed once {RESULTS_FILE} was verified: restore that file "
+           f"(sha256 {entry['sha256']}), or delete the directory to sample again")
+    verify_file(directory, entry, fix)
+    return True
+
+
+def results_run_id(path: Path) -> str | None:
+    import h5netcdf
+
+    try:
+        with h5netcdf.File(path, "r") as f:
+            for g in f.groups.values():
+                if "run_id" in g.attrs:
+                    return str(g.attrs["run_id"])
+    except Exception:
+        return None
+    return None
 
 
 def open_results(path: Path) -> Any:

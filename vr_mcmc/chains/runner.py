@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..recorder import Recorder
-from .blocks import ChainBlocks, write_block
+from .blocks import ChainBlocks, verify_blocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
 from .stream import IndexStream, as_data, chain_seeds
 
@@ -56,6 +56,7 @@ class ChainRunner:
         self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
         self.total = self.num_warmup + spec["num_samples"]
         self.step, self.blocks, self.elapsed = 0, {"warmup": 0, "draws": 0}, 0.0
+        self.index: dict[str, list[dict[str, Any]]] = {"warmup": [], "draws": []}  # the blocks written, checksummed
         self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
         self.full_batch: tuple | None = None
         self.start_time = time.perf_counter()
@@ -71,6 +72,8 @@ class ChainRunner:
             torch.set_rng_state(state["torch_rng"])
             self.stream.load_state_dict(state["stream"])
             self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
+            self.index = state["index"]
+            verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
             self.files[kind].drop_from(self.blocks[kind])
 
@@ -78,18 +81,21 @@ class ChainRunner:
         """Writes the buffered draws as blocks."""
         for kind in KINDS:
             if self.buffers[kind]:
-                write_block(self.files[kind].path(self.blocks[kind]), self.buffers[kind])
+                entry = write_block(self.files[kind].path(self.blocks[kind]), self.buffers[kind])
+                self.index[kind].append(entry)
                 self.blocks[kind] += 1
                 self.buffers[kind] = {}
 
     def flush_and_checkpoint(self) -> None:
         self.flush()
         if self.spec["persistent"]:
+            size = self.ckpt_path.stat().st_size if self.ckpt_path.exists() else 0
+            needed = max(2 * size, 4 * sum(p.numel() * p.element_size() for p in self.model.parameters())) + 2**16
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "stream": self.stream.state_dict(),
+                         "stream": self.stream.state_dict(), "index": self.index,
                          "elapsed": self.elapsed + time.perf_counter() - self.start_time},
-                        self.ckpt_path)
+                        self.ckpt_path, needed)
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -174,7 +180,8 @@ class ChainRunner:
         finally:
             if bar is not None:
                 bar.close()
-        return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time}
+        return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time,
+                "index": self.index}
 
 
 def run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:

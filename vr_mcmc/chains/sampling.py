@@ -15,8 +15,9 @@ import torch
 
 from ..recorder import Recorder, run_attrs
 from .blocks import ChainBlocks, in_memory, merge
-from .checkpoint import RESULTS_FILE, manifest, open_results, prepare_directory
+from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
 from .parallel import run_parallel
+from .preflight import preflight
 from .runner import run_chain
 from .stream import as_data
 
@@ -98,7 +99,8 @@ def sample(
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=1 if chain_method == "parallel" else None)
     try:
-        finished = prepare_directory(directory, manifest(spec)) if persistent else False
+        fingerprint = preflight(spec, num_data, observed)
+        content, finished = prepare_directory(directory, manifest(spec, fingerprint)) if persistent else ({}, False)
         if not finished:
             start = time.perf_counter()
             try:
@@ -113,14 +115,23 @@ def sample(
                      "thin": thin, "chain_method": chain_method}
             if not persistent:
                 return in_memory(directory, num_chains, attrs, observed)
-            merge(directory, num_chains, directory / RESULTS_FILE, run_attrs(**attrs), observed)
-            for chain in range(num_chains):  # merged: the blocks would only double the disk used
-                for warmup in (False, True):
-                    ChainBlocks(directory, chain, warmup).drop_from(0)
+            _finish(directory, content, summaries, run_attrs(**attrs, run_id=content["run_id"]), observed)
         return open_results(directory / RESULTS_FILE)
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _finish(directory: Path, content: dict[str, Any], summaries: list[dict[str, Any]], attrs: dict[str, Any],
+            observed: Mapping[str, np.ndarray]) -> None:
+    """Merges the verified blocks into results.nc, checks it, records its checksum and the blocks in the
+    manifest, and only then removes the blocks (they would only double the disk used)."""
+    indexes = [s["index"] for s in sorted(summaries, key=lambda s: s["chain"])]
+    merge(directory, indexes, directory / RESULTS_FILE, attrs, observed)
+    write_manifest(directory, {**content, "blocks": indexes, "results": file_entry(directory / RESULTS_FILE)})
+    for chain in range(len(indexes)):
+        for warmup in (False, True):
+            ChainBlocks(directory, chain, warmup).drop_from(0)
 
 
 def _run_chains(spec: dict[str, Any]) -> list[dict[str, Any]]:
