@@ -152,3 +152,148 @@ def test_an_exception_mid_run_carries_the_draws_made_before_it():
     np.testing.assert_array_equal(weight[0], clean.posterior["weight"].values[0])
     np.testing.assert_array_equal(weight[1, :12], clean.posterior["weight"].values[1, :12])
     assert np.isnan(weight[1, 12:]).all()  # chain 1 is shorter: padded, not cut, not invented
+
+
+# -- 2. MALA/HMC refuse half precision; 9. bad inputs are refused before sampling ---------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_samplers_refuse_half_precision(dtype):
+    model = torch.nn.Linear(3, 1).to(dtype)
+    for make in (lambda p: torch_sample.HMC(p, lr=0.1, num_data=10), lambda p: torch_sample.MALA(p, lr=0.1)):
+        with pytest.raises(TypeError, match=f"float32 or float64 parameters, got {dtype}"):
+            make(model.parameters())
+
+
+def _mlp2():
+    return torch.nn.Sequential(torch.nn.Linear(chain_job.D, 2), torch.nn.Linear(2, 1))
+
+
+_calls = {"n": 0}
+
+
+def _model_by_chain():  # chain 1 gets a wider model: a different architecture
+    _calls["n"] += 1
+    return torch.nn.Linear(chain_job.D, 1) if _calls["n"] % 2 else torch.nn.Sequential(torch.nn.Linear(chain_job.D, 1))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(sampler_fn=lambda m: torch_sample.SGLD(m.parameters(), lr=1e-3, num_data=500)), ValueError,
+         "num_data=500 but the data has 120 examples"),
+        (dict(sampler_fn=lambda m: torch_sample.HMC(m.parameters(), lr=0.1)), ValueError,
+         "num_data=1 but the data has 120.*full-data closure|num_data=1 but the data has 120"),
+        (dict(sampler_fn=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), TypeError,
+         "torch.optim.sgd.SGD, which vr_mcmc.sample cannot drive: it supports SG samplers"),
+        (dict(log_likelihood=lambda m: chain_job.log_likelihood(m)[:100]), ValueError,
+         "returned 100 values but observed_data has 120"),
+        (dict(log_likelihood=lambda m: chain_job.log_likelihood(m).sum()), ValueError, "returned a scalar"),
+        (dict(record={"name": lambda m: "a string"}), TypeError, "'name' is not numeric"),
+        (dict(record={"ragged": lambda m: [[1.0, 2.0], [3.0]]}), TypeError, "'ragged' is not a rectangular"),
+        (dict(record=["weight", "nope"]), ValueError, r"\['nope'\] are not parameters"),
+        (dict(model_fn=_model_by_chain), ValueError, "different model for chain 1"),
+    ],
+)
+def test_bad_inputs_are_refused_before_sampling(change, error, match, monkeypatch):
+    monkeypatch.setattr(torch_sample.SGLD, "step", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(torch_sample.HMC, "step", lambda *a, **k: pytest.fail("sampling started"))
+    _calls["n"] = 0
+    args = dict(model_fn=chain_job.model_fn, sampler_fn=chain_job.sgld, loss_fn=chain_job.loss_fn,
+                data=(chain_job.X, chain_job.Y))
+    options = dict(batch_size=20, num_chains=2, num_warmup=5, num_samples=5, progress=False,
+                   log_likelihood=chain_job.log_likelihood, observed_data={"y": chain_job.Y})
+    for key in list(change):
+        (args if key in args else options)[key] = change[key]
+    with pytest.raises(error, match=match):
+        vr_mcmc.sample(**args, **options)
+
+
+def test_mala_target_accept_zero_and_a_shape_changing_record():
+    with pytest.raises(ValueError, match="target_accept must be a number strictly between 0 and 1, got 0"):
+        torch_sample.MALA(torch.nn.Linear(2, 1).parameters(), lr=0.1, target_accept=0)
+    grow = {"k": 0}
+
+    def changing(model):
+        grow["k"] += 1
+        return torch.zeros(grow["k"])
+
+    with pytest.raises(ValueError, match=r"recorded as 'changing' returned shape \(3,\) at this draw but \(2,\)"):
+        chain_job.run(None, "sgld", num_samples=5, num_warmup=0, record={"changing": changing})
+
+
+# -- 4. damaged checkpoints; 7. changed options ---------------------------------------------------------
+
+
+def _unmerged(directory, monkeypatch, **kw):
+    """A run that died just before its merge: every block and checkpoint on disk, no results.nc."""
+    with monkeypatch.context() as m:
+        m.setattr("vr_mcmc.chains.sampling._finish", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            chain_job.run(directory, "sgld", num_samples=60, **kw)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "corrupt"])
+def test_a_damaged_block_is_refused_not_skipped(tmp_path, monkeypatch, damage):
+    directory = tmp_path / "run"
+    _unmerged(directory, monkeypatch)
+    block = directory / "chain_1.000001.nc"
+    data = block.read_bytes()
+    if damage == "delete":
+        block.unlink()
+    elif damage == "truncate":
+        block.write_bytes(data[: len(data) // 2])
+    else:
+        block.write_bytes(data[:-100] + bytes(b ^ 0xFF for b in data[-100:]))
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"chain_1\.000001\.nc (is missing|has \d+ bytes|does not match)"
+                       r".*delete chain_1\.pt and chain_1\.\*\.nc"):
+        chain_job.run(directory, "sgld", num_samples=60)
+    assert not (directory / "results.nc").exists()
+
+
+def test_blocks_are_kept_until_the_merged_file_is_verified(tmp_path, monkeypatch):
+    directory = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr("vr_mcmc.chains.blocks._check_merged", lambda *a: (_ for _ in ()).throw(vr_mcmc.CheckpointError("x")))
+        with pytest.raises(vr_mcmc.CheckpointError):
+            chain_job.run(directory, "sgld", num_samples=60)
+    assert len(list(directory.glob("chain_*.nc"))) == 6 and not (directory / "results.nc").exists()
+    resumed = chain_job.run(directory, "sgld", num_samples=60)
+    np.testing.assert_array_equal(resumed.posterior["weight"].values,
+                                  chain_job.run(None, "sgld", num_samples=60).posterior["weight"].values)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "foreign"])
+def test_a_damaged_or_foreign_results_file_is_refused(tmp_path, damage):
+    directory = tmp_path / "run"
+    chain_job.run(directory, "sgld", num_samples=30)
+    results = directory / "results.nc"
+    if damage == "delete":
+        results.unlink()
+    elif damage == "truncate":
+        results.write_bytes(results.read_bytes()[:-1000])
+    else:
+        other = tmp_path / "other"
+        chain_job.run(other, "sgld", num_samples=30, seed=4)
+        results.write_bytes((other / "results.nc").read_bytes())
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"results\.nc (is missing|has \d+ bytes|does not match)"
+                       r".*restore that file"):
+        chain_job.run(directory, "sgld", num_samples=30)
+
+
+def test_changed_sampler_options_or_data_are_refused_listing_the_change(tmp_path):
+    directory = tmp_path / "run"
+    options = dict(batch_size=20, num_chains=1, num_warmup=0, num_samples=10, progress=False, checkpoint=directory)
+    data = (chain_job.X, chain_job.Y)
+    vr_mcmc.sample(chain_job.model_fn, chain_job.sgld, chain_job.loss_fn, data, **options)
+
+    def faster(model):
+        return torch_sample.SGLD(model.parameters(), lr=4e-3, num_data=chain_job.N,
+                                 prior=torch_sample.priors.Normal(2.0))
+
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"holds another run \(sampler\.defaults\.lr: saved 0\.002, "
+                       r"asked 0\.004, sampler\.param_groups\[0\]\.lr: saved 0\.002, asked 0\.004\)"):
+        vr_mcmc.sample(chain_job.model_fn, faster, chain_job.loss_fn, data, **options)
+    with pytest.raises(vr_mcmc.CheckpointError, match=r"data\[0\]: saved \[120, 3, 'torch.float32'\], asked \[120, 2"):
+        vr_mcmc.sample(lambda: torch.nn.Linear(2, 1), chain_job.sgld, chain_job.loss_fn,
+                       (chain_job.X[:, :2], chain_job.Y), **options)

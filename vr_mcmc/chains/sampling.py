@@ -16,7 +16,7 @@ import torch
 from ..recorder import Recorder, run_attrs
 from .blocks import ChainBlocks, in_memory, merge
 from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
-from .parallel import run_parallel
+from .parallel import check_main_guard, run_parallel
 from .preflight import preflight
 from .runner import run_chain
 from .stream import as_data
@@ -80,6 +80,8 @@ def sample(
     _check_int("seed", seed, 0)
     if chain_method not in ("sequential", "parallel"):
         raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
+    if chain_method == "parallel":
+        check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
