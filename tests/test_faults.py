@@ -297,3 +297,170 @@ def test_changed_sampler_options_or_data_are_refused_listing_the_change(tmp_path
     with pytest.raises(vr_mcmc.CheckpointError, match=r"data\[0\]: saved \[120, 3, 'torch.float32'\], asked \[120, 2"):
         vr_mcmc.sample(lambda: torch.nn.Linear(2, 1), chain_job.sgld, chain_job.loss_fn,
                        (chain_job.X[:, :2], chain_job.Y), **options)
+
+
+# -- 5. a full disk; 6. a crash in the manifest's rename window; 8. parallel workers -----------------
+
+
+def _python(code: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_disk_full_during_a_checkpoint_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
+    """ENOSPC injected at the file-system boundary (torch.save's write) at the 4th checkpoint."""
+    import errno
+
+    directory = tmp_path / "run"
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            Path(f).write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr("vr_mcmc.chains.checkpoint.torch.save", save)
+    with pytest.raises(vr_mcmc.chains.checkpoint.DiskFullError, match=f"no space left to write the checkpoint "
+                       rf"chain_0\.pt in {directory}: .* MiB free, about .* MiB needed.*call again") as info:
+        chain_job.run(directory, "sgld", num_samples=150)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert not list(directory.glob("*.tmp"))
+    monkeypatch.setattr("vr_mcmc.chains.checkpoint.torch.save", real_save)
+    resumed = chain_job.run(directory, "sgld", num_samples=150)
+    np.testing.assert_array_equal(resumed.posterior["weight"].values,
+                                  chain_job.run(None, "sgld", num_samples=150).posterior["weight"].values)
+
+
+FULL_DISK_JOB = """
+import shutil, sys, chain_job, vr_mcmc
+try:
+    chain_job.run(sys.argv[1], "sgld", num_samples=400, record={"w": lambda m: m.weight})
+except vr_mcmc.CheckpointError as exc:
+    print("ERROR", type(exc).__name__, exc)
+shutil.copytree(sys.argv[1], sys.argv[2])  # the tmpfs vanishes with this namespace
+"""
+
+
+def test_a_real_full_tmpfs_gives_a_clear_error_and_resumable_blocks(tmp_path):
+    """A 160 KiB tmpfs in a user+mount namespace (unshare -rm: no root needed where user namespaces are on)."""
+    mount, kept = tmp_path / "small", tmp_path / "kept"
+    mount.mkdir()
+    script = tmp_path / "job.py"
+    script.write_text(FULL_DISK_JOB)
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=160k tmpfs {mount}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=160k tmpfs {mount} && "
+                          f"{sys.executable} {script} {mount / 'run'} {kept}"], env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]  # no SIGSEGV, no traceback out of the job
+    assert "ERROR DiskFullError [Errno 28] no space left to write" in run.stdout and str(mount / "run") in run.stdout
+    resumed = chain_job.run(kept, "sgld", num_samples=400, record={"w": lambda m: m.weight})
+    clean = chain_job.run(None, "sgld", num_samples=400, record={"w": lambda m: m.weight})
+    np.testing.assert_array_equal(resumed.posterior["w"].values, clean.posterior["w"].values)
+
+
+def test_a_kill_between_the_manifests_write_and_rename_is_resumable(tmp_path):
+    directory = tmp_path / "run"
+    code = f"""
+import os, signal, chain_job, vr_mcmc.chains.checkpoint as ck
+real = os.replace
+def replace(src, dst):
+    if str(dst).endswith("manifest.json"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+ck.os.replace = replace
+chain_job.run({str(directory)!r}, "sgld", num_samples=30)
+"""
+    proc = _python(code)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL and [p.name for p in directory.iterdir()] == ["manifest.tmp"]
+    resumed = chain_job.run(directory, "sgld", num_samples=30)
+    np.testing.assert_array_equal(resumed.posterior["weight"].values,
+                                  chain_job.run(None, "sgld", num_samples=30).posterior["weight"].values)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _workers(proc: subprocess.Popen, directory: Path, timeout: float = 90) -> list[int]:
+    """The chain workers of ``proc`` once both chains have written a block."""
+    deadline = time.monotonic() + timeout
+    while not (list(directory.glob("chain_0.*.nc")) and list(directory.glob("chain_1.*.nc"))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    return [p for p in _children(proc.pid) if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+PARALLEL_JOB = """
+import sys, chain_job
+try:
+    chain_job.run(sys.argv[1], "sgld", num_samples=20000, chain_method="parallel", checkpoint_every=10)
+except Exception as exc:
+    print("ERROR", type(exc).__name__, exc, "| partial chains", exc.partial.posterior.chain.values.tolist())
+"""
+
+
+def test_a_killed_worker_fails_the_run_without_a_hang(tmp_path):
+    directory = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(directory)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        workers = _workers(proc, directory)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)  # as the OOM killer does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "ERROR WorkerError the worker process of chain" in out and "killed by signal SIGKILL" in out, out + err
+    assert "partial chains [0, 1]" in out  # both chains' draws so far are kept
+    assert not any(_alive(w) for w in workers)
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path):
+    directory = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(directory)], env=ENV)
+    try:
+        workers = _workers(proc, directory)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers):
+            assert time.monotonic() < deadline, "the workers outlived their parent"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+
+
+def test_a_script_without_a_main_guard_is_refused_with_the_fix(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text("import chain_job\nchain_job.run(None, 'sgld', num_samples=5, chain_method='parallel')\n")
+    run = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert f"top level of {script} (line 2) outside an `if __name__ == " in run.stderr
+    assert "Put the call (and what should run once) under" in run.stderr
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("import chain_job\nif __name__ == '__main__':\n"
+                       "    chain_job.run(None, 'sgld', num_samples=5, chain_method='parallel')\n    print('done')\n")
+    run = subprocess.run([sys.executable, str(guarded)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "done" in run.stdout, run.stderr[-2000:]
