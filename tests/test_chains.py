@@ -20,6 +20,7 @@ import xarray as xr
 
 import torch_sample
 import vr_mcmc
+from vr_mcmc.chains import chain_seeds
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,7 +86,7 @@ def test_output_works_with_arviz(hmc_run, tmp_path):
 
 def test_hmc_draws_match_the_in_loop_sampler(hmc_run):
     """The driver adds nothing of its own: chain 0 equals a hand-written loop with the same seeds."""
-    torch.manual_seed(3)
+    torch.manual_seed(chain_seeds(3, 0)[0])
     model = chain_job.model_fn()
     sampler = chain_job.hmc(model)
     closure_batch = (chain_job.X, chain_job.Y)
@@ -113,10 +114,11 @@ def test_closure_estimators_get_an_lbfgs_style_closure():
     from vr_mcmc.chains import _IndexStream
 
     idata = chain_job.run(None, "svrg", num_chains=1, num_warmup=0, num_samples=15)
-    torch.manual_seed(3)
+    torch_seed, stream_seed = chain_seeds(3, 0)
+    torch.manual_seed(torch_seed)
     model = chain_job.model_fn()
     sampler = chain_job.svrgld_sgd(model)
-    stream = _IndexStream(chain_job.N, 20, 3 * 7919)
+    stream = _IndexStream(chain_job.N, 20, stream_seed)
     weights = []
     for _ in range(15):
         idx = stream.next()
@@ -164,7 +166,7 @@ def test_kill_and_resume_gives_the_uninterrupted_draws(tmp_path):
     same_draws(resumed, uninterrupted)
 
 
-def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path):
+def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path, monkeypatch):
     directory = tmp_path / "run"
     chain_job.run(directory, "sgld", num_samples=30)
     digest = tree_digest(directory)
@@ -172,7 +174,11 @@ def test_other_or_damaged_checkpoints_are_refused_and_left_alone(tmp_path):
         chain_job.run(directory, "sgld", num_samples=40)
     assert tree_digest(directory) == digest
 
-    (directory / "results.nc").unlink()  # as if it had died before merging
+    directory = tmp_path / "unmerged"
+    with monkeypatch.context() as m:  # as if it had died before merging
+        m.setattr("vr_mcmc.chains.sampling._finish", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            chain_job.run(directory, "sgld", num_samples=30)
     (directory / "chain_0.pt").write_bytes(b"not a checkpoint")
     digest = tree_digest(directory)
     with pytest.raises(vr_mcmc.CheckpointError, match=r"chain_0\.pt cannot be read"):

@@ -10,7 +10,8 @@ import torch
 
 from .priors import prior_from_dict
 
-__all__ = ["check_number", "gaussian_noise", "restore_generator", "state_from_plain", "state_to_plain"]
+__all__ = ["check_full_precision", "check_number", "check_probability", "gaussian_noise", "restore_generator",
+           "state_from_plain", "state_to_plain"]
 
 
 def check_number(name: str, value: Any, low: float, *, strict: bool, high: float | None = None) -> float:
@@ -26,6 +27,23 @@ def check_number(name: str, value: Any, low: float, *, strict: bool, high: float
     if high is not None and value >= high:
         raise ValueError(f"{name} must be < {high}, got {value!r}")
     return float(value)
+
+
+def check_probability(name: str, value: Any) -> float:
+    """``value`` as a float strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def check_full_precision(params: list[torch.Tensor], sampler: str) -> None:
+    """Refuses bfloat16/float16 parameters: a Metropolis step's tiny moves round to no move at all
+    (about 1% of such parameters ever change) while the acceptance still reads 1."""
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise TypeError(f"{sampler} needs float32 or float64 parameters, got {', '.join(low)}: in low precision "
+                        "its steps round to no move while the acceptance reads 1. Sample a float32 copy "
+                        "(model.float()) and cast the draws, or use an SG sampler")
 
 
 def gaussian_noise(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -27,9 +27,13 @@ from vr_mcmc.estimators.base import grad_or_zeros
 from ._shared import check_number, gaussian_noise, restore_generator, state_from_plain, state_to_plain
 from .priors import Prior
 
-__all__ = ["LangevinSampler", "langevin_update"]
+__all__ = ["DivergenceError", "LangevinSampler", "langevin_update"]
 
 REDUCTIONS = ("mean", "sum")
+
+
+class DivergenceError(RuntimeError):
+    """A stochastic-gradient chain gave ``max_divergences`` non-finite steps in a row."""
 
 
 def langevin_update(
@@ -91,6 +95,13 @@ class LangevinSampler(Optimizer):
     diffusion: variance reduction cannot help.
     Of order 1 or more, the chain is mostly SGD noise (posterior too wide): use a variance-reduced
     estimator or a smaller step.
+
+    Divergences: before the update, one fused reduction (the sum of ``torch._foreach_norm`` of the
+    gradient estimates ∇Ũ) and the batch loss are checked; if either is not finite the step is skipped
+    (θ, momentum and noise untouched: nothing needs restoring) and ``stats["diverging"]`` is True.
+    After ``max_divergences`` such steps in a row (default 20; the attribute of the same name) `step`
+    raises `DivergenceError` naming the likely causes (non-finite data, a step size too large).
+    A table-based estimator (SAGA) has by then stored the bad gradient: the chain cannot recover.
     """
 
     def __init__(
@@ -107,7 +118,10 @@ class LangevinSampler(Optimizer):
         loss_reduction: str = "mean",
         engine: Any = None,
         generator: torch.Generator | None = None,
+        max_divergences: int = 20,
     ):
+        if isinstance(max_divergences, bool) or not isinstance(max_divergences, int) or max_divergences < 1:
+            raise ValueError(f"max_divergences must be an integer >= 1, got {max_divergences!r}")
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be the number of examples in the data set (an integer >= 1), "
                              f"got {num_data!r}")
@@ -129,7 +143,12 @@ class LangevinSampler(Optimizer):
         self.estimator.bind(self._trainable(), num_data, loss_reduction)
         self.stats: dict[str, float] = {}
         self.noise_ratio_every = 1  # measure noise_ratio every k-th step (NaN between); 0: never
+        self.max_divergences = max_divergences
+        self.check_finite = True  # the divergence check (False only to measure its cost)
         self._steps = 0
+        self._divergences = 0  # non-finite steps in a row
+        self._grad_norm_first: float | None = None
+        self._grad_norm_last = math.nan
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
@@ -182,6 +201,7 @@ class LangevinSampler(Optimizer):
         self._steps += 1
         info = self.estimator.estimate(idx, closure)
         neg_log_prior = 0.0
+        updates = []
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             prior = group["prior"]
@@ -202,8 +222,12 @@ class LangevinSampler(Optimizer):
                     bufs.append(None)
                 params.append(p)
                 grads.append(g)
-            langevin_update(params, grads, bufs, lr=group["lr"], temperature=group["temperature"],
-                            momentum=group["momentum"], nesterov=group["nesterov"], generator=self.generator)
+            updates.append((group, params, grads, bufs))
+        diverging = self.check_finite and not self._finite([g for _, _, grads, _ in updates for g in grads], loss)
+        if not diverging:
+            for group, params, grads, bufs in updates:
+                langevin_update(params, grads, bufs, lr=group["lr"], temperature=group["temperature"],
+                                momentum=group["momentum"], nesterov=group["nesterov"], generator=self.generator)
         evals = info.pop("grad_evals", None)
         self.stats = {"step_size": float(self.param_groups[0]["lr"]),
                       "grad_evals": float("nan") if evals is None else float(evals),
@@ -213,7 +237,41 @@ class LangevinSampler(Optimizer):
             nll = float(loss) * (self.num_data if self.loss_reduction == "mean" else self.num_data / (b or math.nan))
             self.stats["lp"] = -(nll + neg_log_prior)
         self.stats.update({k: float(v) for k, v in info.items()})
+        self.stats["diverging"] = diverging
+        if diverging:
+            self._diverged(loss)
         return loss
+
+    def _finite(self, grads: list[torch.Tensor], loss: Any) -> bool:
+        """True when the estimate and the loss are finite: one fused reduction over the gradients."""
+        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
+        if loss is not None:
+            total = total + torch.as_tensor(loss, dtype=total.dtype, device=total.device).detach().reshape(()) * 0
+        norm = float(total)  # the one synchronization
+        if math.isfinite(norm):
+            self._divergences = 0
+            self._grad_norm_first = norm if self._grad_norm_first is None else self._grad_norm_first
+            self._grad_norm_last = norm
+            return True
+        return False
+
+    def _diverged(self, loss: Any) -> None:
+        self._divergences += 1
+        self.stats["lp"] = math.nan
+        if self._divergences < self.max_divergences:
+            return
+        what = "the loss" if loss is not None and not math.isfinite(float(loss)) else "the gradient estimate"
+        first, last = self._grad_norm_first, self._grad_norm_last
+        if first is None:
+            history = "no step of this chain was ever finite"
+        else:
+            history = f"the gradient norm went from {first:.3g} at the first step to {last:.3g} at the last finite one"
+        raise DivergenceError(
+            f"{type(self).__name__}: {self._divergences} steps in a row gave a non-finite {what} (NaN or inf), "
+            f"so each was skipped and the parameters kept; {history}. Likely causes: non-finite data (a NaN or inf "
+            "in any example poisons every batch that holds it: check torch.isfinite(x).all() for each data tensor), "
+            f"or a step size too large (lr={self.param_groups[0]['lr']:.3g}: a norm that grew by orders of "
+            "magnitude says so; divide lr by 10). Set max_divergences= to tolerate longer runs of them")
 
     def _noise_ratio(self, noise_var: torch.Tensor | None) -> float:
         """Σ_p h_p²·Var_p / Σ_p 2(1−μ_p)·h_p·T_p·n_p over the parameters with an estimate: the variance the
@@ -247,12 +305,14 @@ class LangevinSampler(Optimizer):
         state = state_to_plain(super().state_dict(), self.generator)
         state["estimator"] = self.estimator.state_dict()
         state["steps"] = self._steps
+        state["divergences"] = self._divergences
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict, generator = state_from_plain(state_dict)
         estimator = state_dict.pop("estimator", None)
         self._steps = int(state_dict.pop("steps", 0))
+        self._divergences = int(state_dict.pop("divergences", 0))
         super().load_state_dict(state_dict)
         if estimator is not None:
             self.estimator.load_state_dict(estimator)

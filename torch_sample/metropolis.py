@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._shared import check_number, gaussian_noise, restore_generator, state_from_plain, state_to_plain
+from ._shared import (
+    check_full_precision,
+    check_number,
+    check_probability,
+    gaussian_noise,
+    restore_generator,
+    state_from_plain,
+    state_to_plain,
+)
 from .adaptation import DualAveraging, WelfordDense, WelfordDiagonal, terminal_start, warmup_windows
 from .priors import Prior
 
@@ -74,6 +82,9 @@ class MetropolisSampler(Optimizer):
         self.temperature = float(temperature)
         self.max_energy_error = check_number("max_energy_error", max_energy_error, 0.0, strict=True)
         self.generator = generator
+        check_full_precision(self._params(), type(self).__name__)
+        if target_accept is not None:
+            check_probability("target_accept", target_accept)
         self.dual = DualAveraging(float(lr), target_accept or self.default_target_accept)
         self.dense_mass = bool(dense_mass)
         self.welford = WelfordDense() if self.dense_mass else WelfordDiagonal()

@@ -56,13 +56,15 @@ class SAGALD(LangevinSampler):
         nesterov: bool = False,
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
+        max_divergences: int = 20,
     ):
         if not isinstance(engine, PerExampleGradients):
             raise TypeError("SAGALD needs engine=vr_mcmc.per_example.PerExampleGradients(model), got "
                             f"{type(engine).__name__}")
         estimator = SAGA(table, engine, policy=policy, rank=rank, block_size=block_size, dtype=table_dtype, seed=seed)
         super().__init__(params, lr, num_data, estimator, prior=prior, temperature=temperature, momentum=momentum,
-                         nesterov=nesterov, loss_reduction=loss_reduction, generator=generator)
+                         nesterov=nesterov, loss_reduction=loss_reduction, generator=generator,
+                         max_divergences=max_divergences)
 
     @property
     def table(self) -> GradientTable:

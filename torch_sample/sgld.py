@@ -46,7 +46,9 @@ class SGLD(LangevinSampler):
         estimator: Estimator | None = None,
         engine: Any = None,
         generator: torch.Generator | None = None,
+        max_divergences: int = 20,
     ):
         super().__init__(params, lr, num_data, estimator, prior=prior, temperature=temperature, momentum=momentum,
                          nesterov=nesterov, loss_reduction=loss_reduction, engine=engine,
-                         generator=generator)
+                         generator=generator,
+                         max_divergences=max_divergences)

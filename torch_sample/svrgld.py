@@ -52,7 +52,9 @@ class SVRGLD(LangevinSampler):
         loss_reduction: str = "mean",
         engine: Any = None,
         generator: torch.Generator | None = None,
+        max_divergences: int = 20,
     ):
         super().__init__(params, lr, num_data, SVRG(snapshot_every, loader=loader, loss_fn=loss_fn), prior=prior,
                          temperature=temperature, momentum=momentum, nesterov=nesterov, loss_reduction=loss_reduction,
-                         engine=engine, generator=generator)
+                         engine=engine, generator=generator,
+                         max_divergences=max_divergences)

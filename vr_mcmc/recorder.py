@@ -45,9 +45,14 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         if value.dtype == torch.bfloat16 or value.dtype == torch.float16:
             value = value.float()
         value = value.cpu().numpy()
-    out = np.array(value, copy=True)  # .numpy() of a CPU tensor shares its memory: a later step would change it
-    if out.dtype == object:
-        raise TypeError(f"recorded value {name!r} is not numeric: return a tensor, an array or a number")
+    try:
+        out = np.array(value, copy=True)  # .numpy() of a CPU tensor shares its memory: a later step would change it
+    except ValueError as exc:  # a ragged list
+        raise TypeError(f"recorded value {name!r} is not a rectangular array ({exc}): its function must return a "
+                        "tensor, an array or a number") from exc
+    if out.dtype.kind not in "biufc":
+        raise TypeError(f"recorded value {name!r} is not numeric (got {out.dtype}, e.g. {out.flat[0]!r}): its "
+                        "function must return a tensor, an array or a number")
     return out
 
 
@@ -86,6 +91,7 @@ class Recorder:
         self.observed_data = {_check_name(k, "observed_data"): np.asarray(v) for k, v in (observed_data or {}).items()}
         self._chains: dict[int, dict[str, dict[str, list[np.ndarray]]]] = {}
         self._resolved: dict[str, Callable] | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self.attrs: dict[str, Any] = {}
 
     # -- what to record ---------------------------------------------------------------------------
@@ -123,6 +129,7 @@ class Recorder:
         with torch.no_grad():
             posterior = {name: _to_numpy(fn(model), name) for name, fn in self.resolve(model).items()}
             loglik = {name: _to_numpy(fn(model), name) for name, fn in self.log_likelihood.items()}
+        self._check_shapes({**posterior, **loglik})
         stats = {}
         for key, value in (getattr(sampler, "stats", None) or {}).items():
             if key == "diverging":
@@ -130,6 +137,14 @@ class Recorder:
             elif isinstance(value, (bool, int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
                 stats[key] = np.asarray(float(value), dtype=np.float64)
         return {"posterior": posterior, "sample_stats": stats, "log_likelihood": loglik}
+
+    def _check_shapes(self, values: Mapping[str, np.ndarray]) -> None:
+        """Every draw of a recorded function has the shape of its first draw."""
+        for name, value in values.items():
+            first = self._shapes.setdefault(name, value.shape)
+            if value.shape != first:
+                raise ValueError(f"the function recorded as {name!r} returned shape {value.shape} at this draw but "
+                                 f"{first} at the first: a recorded value must keep its shape")
 
     # -- the in-memory recorder ---------------------------------------------------------------------
 

@@ -1,0 +1,211 @@
+"""One chain: build (or resume) its model and sampler, step, record every kept draw, flush blocks and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..recorder import Recorder
+from .blocks import ChainBlocks, verify_blocks, write_block
+from .checkpoint import load_checkpoint, save_atomic
+from .stream import IndexStream, as_data, chain_seeds
+
+__all__ = ["ChainRunner", "run_chain"]
+
+KINDS = ("warmup", "draws")
+
+
+def is_closure_sampler(sampler: Any) -> bool:
+    from torch_sample.metropolis import MetropolisSampler
+
+    return isinstance(sampler, MetropolisSampler)
+
+
+def build(spec: dict[str, Any], chain: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The chain's model and sampler, seeded by ``torch.manual_seed(chain_seeds(seed, chain)[0])``."""
+    torch.manual_seed(chain_seeds(spec["seed"], chain)[0])
+    model = spec["model_fn"]()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model_fn() must return a torch.nn.Module, got {type(model).__name__}")
+    sampler = spec["sampler_fn"](model)
+    if not isinstance(sampler, torch.optim.Optimizer):
+        raise TypeError(f"sampler_fn(model) must return a torch_sample sampler, got {type(sampler).__name__}")
+    return model, sampler
+
+
+class ChainRunner:
+    """Runs (or resumes) chain ``chain`` of the run ``spec``, writing its draws to ``spec['directory']``."""
+
+    def __init__(self, spec: dict[str, Any], chain: int):
+        self.spec, self.chain = spec, chain
+        directory = Path(spec["directory"])
+        self.ckpt_path = directory / f"chain_{chain}.pt"
+        self.files = {"warmup": ChainBlocks(directory, chain, warmup=True), "draws": ChainBlocks(directory, chain)}
+        self.model, self.sampler = build(spec, chain)
+        self.recorder = Recorder(spec["record"], spec["log_likelihood"])
+        self.num_data, self.fetch = as_data(spec["data"])
+        self.stream = IndexStream(self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        self.closure_sampler = is_closure_sampler(self.sampler)
+        self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
+        self.total = self.num_warmup + spec["num_samples"]
+        self.step, self.blocks, self.elapsed = 0, {"warmup": 0, "draws": 0}, 0.0
+        self.index: dict[str, list[dict[str, Any]]] = {"warmup": [], "draws": []}  # the blocks written, checksummed
+        self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
+        self.full_batch: tuple | None = None
+        self.start_time = time.perf_counter()
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Loads the chain's last checkpoint, if any, and drops the blocks written after it."""
+        if self.ckpt_path.exists():
+            state = load_checkpoint(self.ckpt_path)
+            self.model.load_state_dict(state["model"])
+            self.sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["torch_rng"])
+            self.stream.load_state_dict(state["stream"])
+            self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
+            self.index = state["index"]
+            verify_blocks(self.ckpt_path.parent, self.chain, self.index)
+        for kind in KINDS:
+            self.files[kind].drop_from(self.blocks[kind])
+
+    def flush(self) -> None:
+        """Writes the buffered draws as blocks."""
+        for kind in KINDS:
+            if self.buffers[kind]:
+                entry = write_block(self.files[kind].path(self.blocks[kind]), self.buffers[kind])
+                self.index[kind].append(entry)
+                self.blocks[kind] += 1
+                self.buffers[kind] = {}
+
+    def flush_and_checkpoint(self) -> None:
+        self.flush()
+        if self.spec["persistent"]:
+            size = self.ckpt_path.stat().st_size if self.ckpt_path.exists() else 0
+            needed = max(2 * size, 4 * sum(p.numel() * p.element_size() for p in self.model.parameters())) + 2**16
+            save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
+                         "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "stream": self.stream.state_dict(), "index": self.index,
+                         "elapsed": self.elapsed + time.perf_counter() - self.start_time},
+                        self.ckpt_path, needed)
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def full_closure(self) -> torch.Tensor:
+        self.sampler.zero_grad()
+        loss = self.spec["loss_fn"](self.model, self.full_batch)
+        loss.backward()
+        return loss
+
+    def batch_closure(self, batch: tuple) -> Any:
+        """As torch.optim.LBFGS's closure: zero, loss, backward."""
+        sampler, model, loss_fn = self.sampler, self.model, self.spec["loss_fn"]
+
+        def closure():
+            sampler.zero_grad()
+            out = loss_fn(model, batch)
+            if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                raise TypeError("loss_fn(model, batch) must return the batch mean NLL as a one-element tensor")
+            out.backward()
+            return out
+
+        return closure
+
+    def advance(self) -> None:
+        """One sampler step."""
+        sampler = self.sampler
+        if self.closure_sampler:
+            sampler.step(self.full_closure)
+            return
+        idx = self.stream.next()
+        closure = self.batch_closure(self.fetch(idx))
+        if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
+            sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
+        else:
+            loss = closure()
+            sampler.step(indices=idx, loss=loss.detach())
+
+    def keep(self) -> None:
+        """Buffers the draw at ``self.step`` if it is kept (thinning; warmup with ``save_warmup``)."""
+        step, num_warmup = self.step, self.num_warmup
+        in_warmup = step <= num_warmup
+        kept = (step - (0 if in_warmup else num_warmup)) % self.thin == 0
+        if kept and (not in_warmup or self.spec["save_warmup"]):
+            kind = "warmup" if in_warmup else "draws"
+            for group, values in self.recorder.values(self.model, self.sampler).items():
+                for name, value in values.items():
+                    self.buffers[kind].setdefault(group, {}).setdefault(name, []).append(value)
+
+    # -- the chain ----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Runs the chain to its end; returns its summary."""
+        self.resume()
+        num_warmup, total = self.num_warmup, self.total
+        # ULA has no acceptance rate to adapt its step size to
+        adapting = self.closure_sampler and num_warmup > 0 and self.sampler.adapts_step_size
+        if self.step == 0 and adapting:
+            self.sampler.adapt(True, num_warmup=num_warmup)
+        if self.closure_sampler:
+            self.full_batch = self.fetch(torch.arange(self.num_data))
+        every = self.spec["checkpoint_every"]
+        bar = _progress(self.spec, self.chain, total, self.step)
+        self.start_time = time.perf_counter()
+        try:
+            while self.step < total:
+                self.advance()
+                self.step += 1
+                step = self.step
+                if adapting and step == num_warmup:
+                    self.sampler.adapt(False)
+                self.keep()
+                if bar is not None:
+                    bar.update(1)
+                    if step % 20 == 0:
+                        bar.set_postfix_str(_postfix(self.sampler.stats), refresh=False)
+                if step % (every * self.thin) == 0 or step == total or (step == num_warmup and num_warmup > 0):
+                    self.flush_and_checkpoint()
+        except BaseException:
+            # keep the draws made since the last block (for the partial result); a resume drops them,
+            # since they lie after the last checkpoint, and makes them again
+            with contextlib.suppress(Exception):
+                self.flush()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time,
+                "index": self.index}
+
+
+def run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
+    """Runs (or resumes) one chain, writing its draws to ``spec['directory']``; returns its summary.
+    A module-level function, so that worker processes can be given it."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    return ChainRunner(spec, chain).run()
+
+
+def _postfix(stats: Mapping[str, float]) -> str:
+    if "acceptance_rate" in stats:
+        return f"accept {stats['acceptance_rate']:.2f} step {stats.get('step_size', float('nan')):.3g}"
+    return f"step {stats.get('step_size', float('nan')):.3g}"
+
+
+def _progress(spec: dict[str, Any], chain: int, total: int, done: int) -> Any:
+    if not spec["progress"] or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar without it
+        return None
+    return tqdm(total=total, initial=done, desc=f"chain {chain}", position=chain if spec["parallel"] else 0,
+                leave=True, dynamic_ncols=True)

@@ -1,0 +1,167 @@
+"""The public `sample`: checks the arguments, runs the chains (sequential or parallel), returns ArviZ data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..recorder import Recorder, run_attrs
+from .blocks import ChainBlocks, in_memory, merge
+from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
+from .parallel import check_main_guard, run_parallel
+from .preflight import preflight
+from .runner import run_chain
+from .stream import as_data
+
+__all__ = ["sample"]
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def sample(
+    model_fn: Callable[[], torch.nn.Module],
+    sampler_fn: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
+    data: Any,
+    *,
+    batch_size: int,
+    num_warmup: int,
+    num_samples: int,
+    num_chains: int = 4,
+    thin: int = 1,
+    record: Sequence[str] | Mapping[str, Callable] | None = None,
+    log_likelihood: Callable | Mapping[str, Callable] | None = None,
+    observed_data: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    chain_method: str = "sequential",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+    save_warmup: bool = False,
+) -> Any:
+    """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
+
+    ``model_fn()`` -> a fresh model (seeded per chain by ``torch.manual_seed(chain_seeds(seed, chain)[0])``);
+    ``sampler_fn(model)`` -> its sampler (a torch_sample sampler whose ``num_data`` is N);
+    ``loss_fn(model, batch)`` -> the batch mean NLL, ``batch`` = the data's tensors at a batch of
+    indices (a tuple). ``batch_size`` is used by minibatch samplers (closure samplers see all data).
+    ``num_warmup`` steps adapt (MALA/HMC) and are dropped (kept in ``warmup_*`` with ``save_warmup``);
+    ``num_samples`` counts the steps after warmup, of which every ``thin``-th is kept, as NumPyro and
+    Stan do: ``num_samples=1000, thin=2`` gives 500 draws per chain.
+    ``record``/``log_likelihood``/``observed_data``: as `Recorder`. ``chain_method="parallel"`` runs
+    each chain in its own process (spawn; one torch thread each; the functions must be picklable,
+    i.e. defined at module level) and gives the draws of ``"sequential"``. ``checkpoint``: a
+    directory for the draws and the resumable state, saved every ``checkpoint_every`` draws.
+
+    Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
+    sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
+    """
+    _check_int("num_chains", num_chains, 1)
+    _check_int("num_warmup", num_warmup, 0)
+    _check_int("num_samples", num_samples, 1)
+    _check_int("thin", thin, 1)
+    if thin > num_samples:
+        raise ValueError(f"thin={thin} keeps every {thin}-th of the num_samples={num_samples} steps after warmup, "
+                         "so no draw: num_samples counts steps (as in NumPyro), e.g. num_samples=draws * thin")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    _check_int("seed", seed, 0)
+    if chain_method not in ("sequential", "parallel"):
+        raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
+    if chain_method == "parallel":
+        check_main_guard()
+    for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    num_data, _ = as_data(data)
+    if batch_size > num_data:
+        raise ValueError(f"batch_size {batch_size} is larger than the data ({num_data} examples)")
+    Recorder(record, log_likelihood, observed_data)  # checks the arguments before any work
+    observed = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                for k, v in (observed_data or {}).items()}
+
+    persistent = checkpoint is not None
+    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
+    directory = Path(checkpoint) if persistent else Path(tmp_dir)
+    spec = dict(model_fn=model_fn, sampler_fn=sampler_fn, loss_fn=loss_fn, data=data, batch_size=batch_size,
+                num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
+                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
+                checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
+                parallel=chain_method == "parallel", threads=1 if chain_method == "parallel" else None)
+    try:
+        fingerprint = preflight(spec, num_data, observed)
+        content, finished = prepare_directory(directory, manifest(spec, fingerprint)) if persistent else ({}, False)
+        if not finished:
+            start = time.perf_counter()
+            try:
+                summaries = _run_chains(spec)
+            except (Exception, KeyboardInterrupt) as exc:
+                _attach_partial(exc, spec, observed, time.perf_counter() - start)
+                raise
+            wall = time.perf_counter() - start
+            # a resumed run counts the time of its earlier parts too (saved with each checkpoint)
+            sampling_time = float(sum(s["elapsed"] for s in summaries)) if persistent else wall
+            attrs = {"sampling_time": sampling_time, "tuning_steps": num_warmup, "num_chains": num_chains,
+                     "thin": thin, "chain_method": chain_method}
+            if not persistent:
+                return in_memory(directory, num_chains, attrs, observed)
+            _finish(directory, content, summaries, run_attrs(**attrs, run_id=content["run_id"]), observed)
+        return open_results(directory / RESULTS_FILE)
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _finish(directory: Path, content: dict[str, Any], summaries: list[dict[str, Any]], attrs: dict[str, Any],
+            observed: Mapping[str, np.ndarray]) -> None:
+    """Merges the verified blocks into results.nc, checks it, records its checksum and the blocks in the
+    manifest, and only then removes the blocks (they would only double the disk used)."""
+    indexes = [s["index"] for s in sorted(summaries, key=lambda s: s["chain"])]
+    merge(directory, indexes, directory / RESULTS_FILE, attrs, observed)
+    write_manifest(directory, {**content, "blocks": indexes, "results": file_entry(directory / RESULTS_FILE)})
+    for chain in range(len(indexes)):
+        for warmup in (False, True):
+            ChainBlocks(directory, chain, warmup).drop_from(0)
+
+
+def _run_chains(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    if spec["parallel"]:
+        return run_parallel(spec)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        return [run_chain(spec, c) for c in range(spec["num_chains"])]
+
+
+def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[str, np.ndarray],
+                    wall: float) -> None:
+    """Attaches the draws made before ``exc`` to it: ``exc.partial`` (ArviZ data of the chains with
+    draws, shorter chains padded with NaN; None if none or unreadable) and ``exc.checkpoint`` (the
+    checkpoint directory, where a call with the same arguments resumes; None without ``checkpoint=``)."""
+    directory = Path(spec["directory"])
+    attrs = {"sampling_time": wall, "tuning_steps": spec["num_warmup"], "num_chains": spec["num_chains"],
+             "thin": spec["thin"], "chain_method": "parallel" if spec["parallel"] else "sequential"}
+    drawn = any(ChainBlocks(directory, c, w).paths() for c in range(spec["num_chains"]) for w in (False, True))
+    try:
+        partial = in_memory(directory, spec["num_chains"], attrs, observed, partial=True) if drawn else None
+    except Exception:  # unreadable blocks (a full disk, say): in a checkpoint directory they are resumed from
+        partial = None
+    try:
+        exc.partial = partial
+        exc.checkpoint = str(directory) if spec["persistent"] else None
+    except AttributeError:  # an exception type that takes no attributes
+        return
+    if hasattr(exc, "add_note"):
+        where = f"; resume it with the same call (checkpoint={str(directory)!r})" if spec["persistent"] else ""
+        exc.add_note(f"vr_mcmc.sample: the draws made before this error are attached as the exception's "
+                     f".partial (ArviZ data){where}")

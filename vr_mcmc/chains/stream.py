@@ -1,0 +1,69 @@
+"""The data side of a chain: the data as (N, fetch), and the resumable stream of minibatch indices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["IndexStream", "as_data", "chain_seeds"]
+
+
+def chain_seeds(seed: int, chain: int) -> tuple[int, int]:
+    """(torch seed, batch-stream seed) of chain ``chain`` of a run with ``seed``, derived as NumPy's
+    ``SeedSequence(seed).spawn(...)[chain]`` derives them: runs with different seeds share no chain (a
+    plain ``seed + chain`` would make chain c of seed s the chain c−1 of seed s+1)."""
+    import numpy as np
+
+    words = np.random.SeedSequence(seed, spawn_key=(chain,)).generate_state(2, np.uint32)
+    return int(words[0]), int(words[1])
+
+
+class IndexStream:
+    """Batches of ``batch_size`` indices from a seeded permutation per epoch (the last batch of an
+    epoch may be smaller); its state is (epoch, position), so it resumes exactly."""
+
+    def __init__(self, num_data: int, batch_size: int, seed: int):
+        self.num_data, self.batch_size, self.seed = num_data, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order: torch.Tensor | None = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(self.num_data, generator=gen)
+        return self._order
+
+    def next(self) -> torch.Tensor:
+        if self.position >= self.num_data:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        batch = self._permutation()[self.position : self.position + self.batch_size]
+        self.position += batch.numel()
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def as_data(data: Any) -> tuple[int, Callable[[torch.Tensor], tuple]]:
+    """(N, fetch(indices) -> batch tuple) for a tuple of tensors or a map-style dataset."""
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        sizes = {t.shape[0] for t in data}
+        if len(sizes) != 1:
+            raise ValueError(f"the data tensors must share their first (example) dimension, got sizes {sorted(sizes)}")
+        return sizes.pop(), lambda idx: tuple(t[idx.to(t.device)] for t in data)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        from torch.utils.data import default_collate
+
+        def fetch(idx: torch.Tensor) -> tuple:
+            batch = default_collate([data[i] for i in idx.tolist()])
+            return tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+
+        return len(data), fetch
+    raise TypeError("data must be a tensor, a tuple of tensors (X, y, ...) or a map-style Dataset")
