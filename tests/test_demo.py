@@ -78,7 +78,8 @@ def test_demo_files_are_arviz_data(demo_run, name):
     np.testing.assert_allclose(post["accuracy"].values, accuracy)
     passes = idata.sample_stats["data_passes"].values
     assert np.all(np.diff(passes, axis=1) > 0)
-    assert QUICK.passes <= passes[:, -1].min() < QUICK.passes * 1.15
+    # the budget is reached; SVRG-LD may pass it by one snapshot pass, the others by less than a draw
+    assert QUICK.passes <= passes[:, -1].min() < QUICK.passes + 1.2
     az.summary(idata, var_names=["accuracy", "test_loglik"])
     assert math.isfinite(float(az.loo(idata)["elpd_loo"]))
 
