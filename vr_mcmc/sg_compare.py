@@ -122,7 +122,9 @@ def run_method(problem: DigitsBNN, method: str, lr: float, batch_size: int, pass
     temp = problem.temperature
     epoch_steps = math.ceil(n / batch_size)
     pre = cv_centre_passes + 1.0 if method == "SGLD-CV" else 0.0
-    steps = max(2, round((passes - pre) / _PASSES_PER_EPOCH[method] * epoch_steps))
+    # one epoch more than the budget needs: the passes per step are estimated (a short last batch, SVRG's
+    # snapshot at step 0), and the budget must be reached; draws past it are not scored
+    steps = max(2, math.ceil((passes - pre) / _PASSES_PER_EPOCH[method] * epoch_steps) + epoch_steps)
     thin = max(1, round(epoch_steps / _PASSES_PER_EPOCH[method] / draws_per_pass))
     cls = _SAMPLERS[method]
     chunks = [(torch.arange(s, min(s + 512, n)), x[s:s + 512], y[s:s + 512]) for s in range(0, n, 512)]
