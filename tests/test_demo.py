@@ -33,7 +33,7 @@ def test_demo_writes_results_report_and_plots(demo_run):
     for name in (*FILES, "report.txt"):
         assert (demo_run / name).stat().st_size > 0, name
     report = (demo_run / "report.txt").read_text()
-    for text in ("where variance reduction pays", "where it does not", "noise_ratio", "passes to SGLD TV",
+    for text in ("best case here", "VR cannot help", "noise_ratio", "passes to SGLD TV",
                  "torch thread", "elapsed:", "r_hat", "ess_bulk", *METHODS):
         assert text in report, text
     if HAS_MATPLOTLIB:
