@@ -23,6 +23,7 @@ import torch_sample
 import vr_mcmc.rad as rad
 from vr_mcmc.data import IndexedDataset
 from vr_mcmc.estimators import SVRG
+from vr_mcmc.models import mlp, rad_cnn
 from vr_mcmc.per_example import PerExampleGradients
 from vr_mcmc.per_example.errors import PerExampleError
 from vr_mcmc.rad.sampling import Spec, compress, expand
@@ -170,22 +171,9 @@ def test_conv_weight_gradient_is_unbiased(mode, replacement):
 # -- memory --------------------------------------------------------------------------------------------
 
 
-def rad_paper_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 300),
-                         nn.ReLU(), nn.Linear(300, 10))
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(512, 10),
-    )
-
-
 @pytest.mark.parametrize("mode", rad.MODES)
-@pytest.mark.parametrize(("make", "x_shape"), [(rad_paper_mlp, (150, 784)), (small_cnn, (8, 3, 32, 32))],
+@pytest.mark.parametrize(("make", "x_shape"),
+                         [(lambda: mlp((784, 300, 300, 300, 10)), (150, 784)), (rad_cnn, (8, 3, 32, 32))],
                          ids=["mlp-784-300-300-300-10-batch150", "cnn-3x32x32"])
 def test_saved_activation_bytes_at_keep_01_within_a_fifth(make, x_shape, mode):
     torch.manual_seed(0)
@@ -250,7 +238,7 @@ def test_lean_layers_match_torch_and_save_less(torch_layer, lean, shape):
 
 def test_randomize_keeps_parameters_names_dtype_and_a_checkpoint_loads():
     torch.manual_seed(0)
-    exact = small_cnn().double()
+    exact = rad_cnn().double()
     model = copy.deepcopy(exact)
     params_before = list(model.parameters())
     assert rad.randomize(model, 0.1, "same") is model
@@ -275,7 +263,7 @@ def test_randomize_keeps_parameters_names_dtype_and_a_checkpoint_loads():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_randomized_model_on_cuda():
     torch.manual_seed(0)
-    model = small_cnn().cuda()
+    model = rad_cnn().cuda()
     exact = copy.deepcopy(model)
     rad.randomize(model, 0.1, "different")
     x = torch.randn(4, 3, 32, 32, device="cuda")
