@@ -276,11 +276,40 @@ def test_bad_functions():
                        num_warmup=0, num_samples=2, progress=False)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="ArviZ 1.x needs Python >= 3.12; this is the ArviZ 0.x path")
-def test_arviz_1_datatree():
-    idata = chain_job.run(None, "sgld", num_samples=20)
-    assert isinstance(idata, xr.DataTree)
-    assert idata["posterior"]["bias"].shape == (2, 20, 1)
+def _without_time(ds: xr.Dataset) -> xr.Dataset:
+    out = ds.copy()
+    out.attrs = {k: v for k, v in ds.attrs.items() if k not in ("created_at", "sampling_time")}
+    return out
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["in-memory", "from-disk"])
+def test_arviz_1_datatree_holds_the_same_groups_as_arviz_0(monkeypatch, tmp_path, checkpoint):
+    """The ArviZ 1.x path (xarray.DataTree; ArviZ 1.x itself needs Python >= 3.12) run against the
+    installed xarray's DataTree: same seed, so every group must be identical, values, coordinates
+    and attributes (but the creation and sampling times), to the ArviZ 0.x InferenceData that ArviZ reads. From
+    disk, the merged results file is opened with xr.open_datatree."""
+    import vr_mcmc.chains
+    import vr_mcmc.recorder
+
+    options = dict(num_samples=20, checkpoint=str(tmp_path / "zero") if checkpoint else None)
+    reference = chain_job.run(sampler="sgld", **options)
+    assert isinstance(reference, az.InferenceData)
+    for module in (vr_mcmc.chains, vr_mcmc.recorder):
+        monkeypatch.setattr(module, "arviz_major", lambda: 1)
+    options["checkpoint"] = str(tmp_path / "one") if checkpoint else None
+    tree = chain_job.run(sampler="sgld", **options)
+    assert isinstance(tree, xr.DataTree)
+    assert sorted(tree.children) == sorted(reference.groups())
+    for group in reference.groups():
+        xr.testing.assert_identical(_without_time(tree[group].to_dataset()), _without_time(reference[group]))
+    assert tree["posterior"]["bias"].dims == ("chain", "draw", "bias_dim_0")
+
+    recorder = vr_mcmc.Recorder(record=["bias"])
+    model = chain_job.model_fn()
+    recorder.record(0, model)
+    recorded = recorder.to_arviz()
+    assert isinstance(recorded, xr.DataTree) and recorded["posterior"]["bias"].shape == (1, 1, 1)
+    torch.testing.assert_close(torch.as_tensor(recorded["posterior"]["bias"].values[0, 0]), model.bias.detach())
 
 
 def test_user_rng_is_left_alone():
