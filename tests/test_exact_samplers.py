@@ -147,7 +147,13 @@ def test_hmc_acceptance_matches_the_hand_formula():
 @pytest.mark.parametrize("cls,kw", [(torch_sample.MALA, dict(lr=0.5)),
                                     (torch_sample.HMC, dict(lr=0.3, num_leapfrog=5))])
 def test_gaussian_moments(cls, kw):
-    """4,000 draws of a 2-D Gaussian: mean within 5 MC SEs (batch means), covariance within 15%."""
+    """4,000 draws of a 2-D Gaussian: mean and covariance each within 5 Monte Carlo standard errors.
+
+    The SEs are batch-means SEs (20 batches of 200 draws, far longer than these chains'
+    autocorrelation times of a few steps) of the mean and of the second moments x_i·x_j (the true
+    mean is 0, so their expectation is the covariance). They come to 2.7-5.1% of the covariance's
+    entries (measured, seed 0; the draws' z-scores are below 0.9), so the band is what the run
+    resolves, not a fixed 15% + 0.05 (4.6-8.5 SEs, by entry and sampler)."""
     theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     sampler = cls([theta], generator=torch.Generator().manual_seed(0), **kw)
     closure = gaussian(theta)
@@ -159,7 +165,10 @@ def test_gaussian_moments(cls, kw):
     batch_means = x.reshape(20, -1, 2).mean(1)
     se = batch_means.std(0) / math.sqrt(20)
     assert bool((x.mean(0).abs() <= 5 * se).all())
-    torch.testing.assert_close(torch.cov(x.T), torch.linalg.inv(P), rtol=0.15, atol=0.05)
+    moments = (x[:, :, None] * x[:, None, :]).reshape(20, -1, 2, 2).mean(1)  # batch means of x xᵀ
+    moment_se = moments.std(0) / math.sqrt(20)
+    z = (moments.mean(0) - torch.linalg.inv(P)) / moment_se
+    assert float(z.abs().max()) < 5, (z, moment_se)
 
 
 def test_nan_at_a_proposal_is_a_rejection_marked_diverging():

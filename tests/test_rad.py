@@ -255,7 +255,11 @@ def test_randomize_keeps_parameters_names_dtype_and_a_checkpoint_loads():
     y = model(x)
     assert y.dtype == torch.float64 and torch.equal(y, exact(x))
     y.sum().backward()
-    assert all(p.grad.dtype == torch.float64 and p.grad.device == p.device for p in model.parameters())
+    exact(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float64 and p.grad.shape == q.grad.shape
+        if name.endswith("bias"):  # exact; the weights' gradients are the randomized ones
+            assert torch.equal(p.grad, q.grad), name
     rad.derandomize(model)
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU and type(model[10]) is nn.Linear
 
@@ -454,11 +458,8 @@ def test_svrg_on_a_randomized_model_is_unbiased_and_its_error_vanishes_at_the_sn
     assert rms[0.003] < 0.05 * independent_rms, (rms, independent_rms)
 
 
-@pytest.mark.parametrize("kind", ["sgld", "svrg"])
-def test_samplers_step_on_a_randomized_model(kind):
-    torch.manual_seed(0)
-    model, x, y = _problem()
-    rad.randomize(model, 0.25, "different")
+def _two_steps(model, x, y, kind):
+    """θ after each of two sampler steps (the same batches and the same injected noise every call), and lp."""
     n = len(x)
     common = dict(prior=torch_sample.priors.Normal(1.0), generator=gen(5))
     if kind == "sgld":
@@ -467,7 +468,8 @@ def test_samplers_step_on_a_randomized_model(kind):
         loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8)
         sampler = torch_sample.SVRGLD(model.parameters(), lr=1e-3, num_data=n, snapshot_every=3, loader=loader,
                                       loss_fn=lambda xb, yb: F.cross_entropy(model(xb), yb), **common)
-    for step in range(6):
+    thetas, lps = [], []
+    for step in range(2):
         idx = torch.randperm(n, generator=gen(step))[:6]
 
         def closure(idx=idx):
@@ -477,8 +479,34 @@ def test_samplers_step_on_a_randomized_model(kind):
             return loss
 
         sampler.step(closure, indices=idx)
-        assert math.isfinite(sampler.stats["lp"])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+        thetas.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        lps.append(sampler.stats["lp"])
+    return torch.stack(thetas), torch.tensor(lps)
+
+
+@pytest.mark.parametrize("kind", ["sgld", "svrg"])
+def test_sampler_steps_on_a_randomized_model_are_the_exact_models_in_expectation(kind):
+    """The same two steps (batches, injected noise) on the exact model and on 300 randomized copies
+    (patterns from different seeds). The forward is exact, so the first step's lp is the exact
+    model's; a step's update is linear in the gradient estimate, unbiased over patterns, so the mean
+    θ over copies is the exact model's within 5 standard errors, and coordinates with exact gradients
+    (the biases) match the exact run. SVRG's first step is at its snapshot, where the same pattern at θ
+    and θ̃ cancels: it is the exact step itself."""
+    torch.manual_seed(0)
+    exact_model, x, y = _problem()
+    reference, reference_lp = _two_steps(copy.deepcopy(exact_model), x, y, kind)
+    runs = [_two_steps(rad.randomize(copy.deepcopy(exact_model), 0.25, "different", generator=gen(100 + r)), x, y,
+                       kind) for r in range(300)]
+    thetas = torch.stack([t for t, _ in runs])  # [copies, steps, parameters]
+    assert all(float(lp[0]) == pytest.approx(float(reference_lp[0]), rel=1e-12) for _, lp in runs)
+    if kind == "svrg":
+        torch.testing.assert_close(thetas[:, 0], reference[0].expand(len(runs), -1), rtol=1e-12, atol=1e-12)
+    for step in range(1 if kind == "svrg" else 0, 2):
+        random_part = thetas[:, step].std(0) > 1e-12
+        assert int(random_part.sum()) > 0  # the weights' updates are randomized
+        torch.testing.assert_close(thetas[:, step, ~random_part], reference[step, ~random_part].expand(len(runs), -1),
+                                   rtol=1e-12, atol=1e-12)
+        _assert_mean_within_5_se(thetas[:, step, random_part], reference[step, random_part])
 
 
 def test_sgld_on_a_randomized_model_samples_the_posterior_up_to_its_extra_noise():
