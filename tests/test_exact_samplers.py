@@ -297,3 +297,47 @@ def test_compiled_closure_gives_the_eager_loss_and_gradient():
             torch.testing.assert_close(theta.grad, 2 * values[-1][1])
         torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-12, atol=0)
         torch.testing.assert_close(values[0][1], values[1][1], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_metric_algebra_against_the_explicit_matrix(dense):
+    """`Metric` on two parameters of different shapes, against Σ = M⁻¹ written out: M⁻¹v = Σv,
+    vᵀM⁻¹v, vᵀMv = vᵀΣ⁻¹v, and its draws from given ξ: a = Lξ with aᵀΣ⁻¹a = ξᵀξ (N(0, M⁻¹)) and
+    r with rᵀΣr = ξᵀξ (N(0, M))."""
+    from torch_sample.metric import Metric
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.zeros(2, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    state = {id(p): {} for p in params}
+    xi = iter([torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params] * 2)
+    metric = Metric(lambda p: state[id(p)], lambda: params, lambda p: next(xi), dense=dense)
+    if dense:
+        a = torch.randn(7, 7, generator=g, dtype=torch.float64)
+        sigma = a @ a.T + 0.5 * torch.eye(7, dtype=torch.float64)
+        metric.inv_mass_dense = sigma.clone()
+    else:
+        w = torch.rand(7, generator=g, dtype=torch.float64) + 0.2
+        metric.set_from_variance(w)
+        sigma = torch.diag(w)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    flat = torch.cat([t.reshape(-1) for t in v])
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in metric.times_inv_mass(v)]), sigma @ flat)
+    assert metric.quad_inv_mass(v) == pytest.approx(float(flat @ sigma @ flat), rel=1e-12)
+    assert metric.quad_mass(v) == pytest.approx(float(flat @ torch.linalg.solve(sigma, flat)), rel=1e-10)
+    torch.testing.assert_close(metric.diagonal_flat(), sigma.diagonal())
+    noise = [torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) for p in params]
+    norm = float(sum((n * n).sum() for n in noise))
+    xi = iter(noise * 2)
+    a = torch.cat([t.reshape(-1) for t in metric.sample_inv_mass(params)])
+    r = torch.cat([t.reshape(-1) for t in metric.sample_mass(params)])
+    assert float(a @ torch.linalg.solve(sigma, a)) == pytest.approx(norm, rel=1e-10)
+    assert float(r @ sigma @ r) == pytest.approx(norm, rel=1e-10)
+
+
+def test_ula_is_a_closure_sampler_without_metropolis_machinery():
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    ula = torch_sample.ULA([theta], lr=0.1)
+    assert isinstance(ula, torch_sample.ClosureSampler) and torch_sample.MetropolisSampler not in type(ula).__mro__
+    assert not ula.adapts_step_size and not hasattr(ula, "dual") and not hasattr(ula, "max_energy_error")
+    with pytest.raises(ValueError, match="no acceptance rate"):
+        ula.adapt(True)
