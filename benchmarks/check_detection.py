@@ -15,21 +15,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from vr_mcmc.models import TransformerClassifier, cnn, mlp
+from vr_mcmc.models import PartlyOutside, TransformerClassifier, cnn, mlp
 from vr_mcmc.per_example import PerExampleError, PerExampleGradients
-
-
-class PartlyOutside(nn.Module):
-    def __init__(self, factor: float):
-        super().__init__()
-        self.fc = nn.Linear(784, 512)
-        self.head = nn.Linear(512, 10)
-        self.factor = factor
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc(x) + self.factor * F.linear(x, self.fc.weight)))
 
 
 def run(model, x, y, bf16: bool) -> PerExampleGradients:

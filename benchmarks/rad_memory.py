@@ -39,23 +39,10 @@ import torch
 from torch import nn
 
 import vr_mcmc.rad as rad
+from vr_mcmc.models import mlp, rad_cnn
 from vr_mcmc.rad.sampling import Spec, compress, expand
 
 VARIANTS = [("same", False), ("same", True), ("different", False), ("different", True), ("projection", False)]
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 300),
-                         nn.ReLU(), nn.Linear(300, 10))
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(512, 10),
-    )
 
 
 def ratio(sq_err: torch.Tensor, predicted: float) -> str:
@@ -111,7 +98,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     b = args.batch_size
-    for name, make, shape in (("MLP 784-300-300-300-10", mlp, (784,)), ("CNN 3x32x32", cnn, (3, 32, 32))):
+    for name, make, shape in (("MLP 784-300-300-300-10", lambda: mlp((784, 300, 300, 300, 10)), (784,)),
+                              ("CNN 3x32x32", rad_cnn, (3, 32, 32))):
         model = make()
         x = torch.randn(b, *shape)
         rows = [("exact", model)]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from checks import check_engine, tanh_loss
 from torch import nn
 
+from vr_mcmc.models import PartlyOutside
 from vr_mcmc.per_example import PerExampleError, PerExampleGradients, representations
 from vr_mcmc.per_example.reference import loop_per_example_grads
 
@@ -72,19 +73,6 @@ def test_non_finite_gradients_are_returned_not_blamed_on_hooks():
         (model(torch.randn(4, 5)).sum() * float("inf")).backward()
         grads = engine.collect()
     assert not torch.isfinite(grads["0.weight"].dense()).all()
-
-
-class PartlyOutside(nn.Module):
-    """fc.weight also used by F.linear in the parent: a share of its gradient bypasses the hooks."""
-
-    def __init__(self, share):
-        super().__init__()
-        self.fc = nn.Linear(784, 512)
-        self.head = nn.Linear(512, 10)
-        self.share = share
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc(x) + self.share * F.linear(x, self.fc.weight)))
 
 
 @pytest.mark.parametrize("seed", range(3))

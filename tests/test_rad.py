@@ -23,6 +23,7 @@ import torch_sample
 import vr_mcmc.rad as rad
 from vr_mcmc.data import IndexedDataset
 from vr_mcmc.estimators import SVRG
+from vr_mcmc.models import mlp, rad_cnn
 from vr_mcmc.per_example import PerExampleGradients
 from vr_mcmc.per_example.errors import PerExampleError
 from vr_mcmc.rad.sampling import Spec, compress, expand
@@ -170,22 +171,9 @@ def test_conv_weight_gradient_is_unbiased(mode, replacement):
 # -- memory --------------------------------------------------------------------------------------------
 
 
-def rad_paper_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 300),
-                         nn.ReLU(), nn.Linear(300, 10))
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(512, 10),
-    )
-
-
 @pytest.mark.parametrize("mode", rad.MODES)
-@pytest.mark.parametrize(("make", "x_shape"), [(rad_paper_mlp, (150, 784)), (small_cnn, (8, 3, 32, 32))],
+@pytest.mark.parametrize(("make", "x_shape"),
+                         [(lambda: mlp((784, 300, 300, 300, 10)), (150, 784)), (rad_cnn, (8, 3, 32, 32))],
                          ids=["mlp-784-300-300-300-10-batch150", "cnn-3x32x32"])
 def test_saved_activation_bytes_at_keep_01_within_a_fifth(make, x_shape, mode):
     torch.manual_seed(0)
@@ -250,7 +238,7 @@ def test_lean_layers_match_torch_and_save_less(torch_layer, lean, shape):
 
 def test_randomize_keeps_parameters_names_dtype_and_a_checkpoint_loads():
     torch.manual_seed(0)
-    exact = small_cnn().double()
+    exact = rad_cnn().double()
     model = copy.deepcopy(exact)
     params_before = list(model.parameters())
     assert rad.randomize(model, 0.1, "same") is model
@@ -267,7 +255,11 @@ def test_randomize_keeps_parameters_names_dtype_and_a_checkpoint_loads():
     y = model(x)
     assert y.dtype == torch.float64 and torch.equal(y, exact(x))
     y.sum().backward()
-    assert all(p.grad.dtype == torch.float64 and p.grad.device == p.device for p in model.parameters())
+    exact(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float64 and p.grad.shape == q.grad.shape
+        if name.endswith("bias"):  # exact; the weights' gradients are the randomized ones
+            assert torch.equal(p.grad, q.grad), name
     rad.derandomize(model)
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU and type(model[10]) is nn.Linear
 
@@ -275,7 +267,7 @@ def test_randomize_keeps_parameters_names_dtype_and_a_checkpoint_loads():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_randomized_model_on_cuda():
     torch.manual_seed(0)
-    model = small_cnn().cuda()
+    model = rad_cnn().cuda()
     exact = copy.deepcopy(model)
     rad.randomize(model, 0.1, "different")
     x = torch.randn(4, 3, 32, 32, device="cuda")
@@ -466,11 +458,8 @@ def test_svrg_on_a_randomized_model_is_unbiased_and_its_error_vanishes_at_the_sn
     assert rms[0.003] < 0.05 * independent_rms, (rms, independent_rms)
 
 
-@pytest.mark.parametrize("kind", ["sgld", "svrg"])
-def test_samplers_step_on_a_randomized_model(kind):
-    torch.manual_seed(0)
-    model, x, y = _problem()
-    rad.randomize(model, 0.25, "different")
+def _two_steps(model, x, y, kind):
+    """θ after each of two sampler steps (the same batches and the same injected noise every call), and lp."""
     n = len(x)
     common = dict(prior=torch_sample.priors.Normal(1.0), generator=gen(5))
     if kind == "sgld":
@@ -479,7 +468,8 @@ def test_samplers_step_on_a_randomized_model(kind):
         loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8)
         sampler = torch_sample.SVRGLD(model.parameters(), lr=1e-3, num_data=n, snapshot_every=3, loader=loader,
                                       loss_fn=lambda xb, yb: F.cross_entropy(model(xb), yb), **common)
-    for step in range(6):
+    thetas, lps = [], []
+    for step in range(2):
         idx = torch.randperm(n, generator=gen(step))[:6]
 
         def closure(idx=idx):
@@ -489,8 +479,34 @@ def test_samplers_step_on_a_randomized_model(kind):
             return loss
 
         sampler.step(closure, indices=idx)
-        assert math.isfinite(sampler.stats["lp"])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+        thetas.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        lps.append(sampler.stats["lp"])
+    return torch.stack(thetas), torch.tensor(lps)
+
+
+@pytest.mark.parametrize("kind", ["sgld", "svrg"])
+def test_sampler_steps_on_a_randomized_model_are_the_exact_models_in_expectation(kind):
+    """The same two steps (batches, injected noise) on the exact model and on 300 randomized copies
+    (patterns from different seeds). The forward is exact, so the first step's lp is the exact
+    model's; a step's update is linear in the gradient estimate, unbiased over patterns, so the mean
+    θ over copies is the exact model's within 5 standard errors, and coordinates with exact gradients
+    (the biases) match the exact run. SVRG's first step is at its snapshot, where the same pattern at θ
+    and θ̃ cancels: it is the exact step itself."""
+    torch.manual_seed(0)
+    exact_model, x, y = _problem()
+    reference, reference_lp = _two_steps(copy.deepcopy(exact_model), x, y, kind)
+    runs = [_two_steps(rad.randomize(copy.deepcopy(exact_model), 0.25, "different", generator=gen(100 + r)), x, y,
+                       kind) for r in range(300)]
+    thetas = torch.stack([t for t, _ in runs])  # [copies, steps, parameters]
+    assert all(float(lp[0]) == pytest.approx(float(reference_lp[0]), rel=1e-12) for _, lp in runs)
+    if kind == "svrg":
+        torch.testing.assert_close(thetas[:, 0], reference[0].expand(len(runs), -1), rtol=1e-12, atol=1e-12)
+    for step in range(1 if kind == "svrg" else 0, 2):
+        random_part = thetas[:, step].std(0) > 1e-12
+        assert int(random_part.sum()) > 0  # the weights' updates are randomized
+        torch.testing.assert_close(thetas[:, step, ~random_part], reference[step, ~random_part].expand(len(runs), -1),
+                                   rtol=1e-12, atol=1e-12)
+        _assert_mean_within_5_se(thetas[:, step, random_part], reference[step, random_part])
 
 
 def test_sgld_on_a_randomized_model_samples_the_posterior_up_to_its_extra_noise():

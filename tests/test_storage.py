@@ -278,6 +278,53 @@ def test_a_non_finite_row_does_not_poison_the_total():
     torch.testing.assert_close(table.total["w"], torch.ones(3))
 
 
+def test_float32_total_equals_the_rounded_exact_sum_after_10_000_updates():
+    """Rows whose batch sums are exact in float32 (multiples of 2^-8 below 8, 64 per batch: 17 bits;
+    the sums since a fold: 22 bits), so the only error left is the accumulation of ``total``
+    itself. The rows' sum (about 2^17 at 2^-8 resolution: 25 bits) does not fit float32, and a
+    float32 running total rounds at every update (it ends 1e-6 relative off here); after a fold
+    ``total`` must be the exact float64 sum of the stored rows, rounded once: bit for bit."""
+    from vr_mcmc.per_example import Dense
+
+    n, b, steps = 1 << 15, 64, 10_000
+    assert steps % table_module.FOLD_EVERY == 0  # the check falls right after a fold
+    table = GradientTable({"w": torch.zeros(8)}, n)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=g)[:b]
+        table.update(idx, {"w": Dense(torch.randint(0, 8 << 8, (b, 8), generator=g) / 256.0)})
+    exact = table.stores["w"].data.double().sum(0)
+    assert table.total["w"].dtype == torch.float32
+    assert torch.equal(table.total["w"], exact.float()), (table.total["w"] - exact).abs().max()
+
+
+def test_total_of_a_float32_factored_table_stays_within_the_batch_sums_rounding_after_10_000_steps():
+    """SAGA's use: float32 factored rows, Σ_i g_i of each batch given (as B·.grad). The batch sums
+    themselves round in float32 (a B-term sum, ~eps32·√B of a batch's sum per step, a random walk
+    over 2·10^4 sums: 8.8e-7 of the total here, measured); a float32 running total adds its own
+    rounding at the scale of the total every step (4.0e-6 here, measured before the float64
+    accumulator). 2e-6 separates the two."""
+    from vr_mcmc.per_example import Dense, Factored
+
+    n, b, d_in, d_out = 2000, 64, 50, 20
+    params = {"w": torch.zeros(d_out, d_in), "b": torch.zeros(d_out)}
+    table = GradientTable(params, n)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10_000):
+        idx = torch.randperm(n, generator=g)[:b]
+        a = torch.randn(b, 1, d_in, generator=g) + 0.5
+        dz = torch.randn(b, 1, d_out, generator=g) + 0.3
+        reps = {"w": Factored(a, dz, params["w"].shape), "b": Dense(dz[:, 0])}
+        table.sum_rows(idx)  # as SAGA: the old rows' sum first, reused by update
+        table.update(idx, reps, {"w": dz[:, 0].T @ a[:, 0], "b": dz[:, 0].sum(0)})
+    w = table.stores["w"]
+    exact = {"w": torch.einsum("rgto,rgti->oi", w.grad_outputs.double(), w.inputs.double()),
+             "b": table.stores["b"].data.double().sum(0)}
+    for name, ref in exact.items():
+        rel = float((table.total[name].double() - ref).norm() / ref.norm())
+        assert rel <= 2e-6, (name, rel)
+
+
 def test_low_precision_parameters_accumulate_total_in_float32():
     from vr_mcmc.per_example import Dense
 

@@ -6,6 +6,7 @@ closure: `ULA`, `MALA`, `HMC`. Priors in `torch_sample.priors`.
 """
 
 from . import priors
+from .closure import ClosureSampler
 from .hmc import HMC, leapfrog
 from .langevin import DivergenceError, LangevinSampler, langevin_update
 from .mala import MALA
@@ -17,5 +18,5 @@ from .svrgld import SVRGLD
 from .target import log_density_closure
 from .ula import ULA
 
-__all__ = ["HMC", "MALA", "SAGALD", "SGLD", "SGLDCV", "SVRGLD", "ULA", "DivergenceError", "LangevinSampler",
-           "MetropolisSampler", "langevin_update", "leapfrog", "log_density_closure", "priors"]
+__all__ = ["HMC", "MALA", "SAGALD", "SGLD", "SGLDCV", "SVRGLD", "ULA", "ClosureSampler", "DivergenceError",
+           "LangevinSampler", "MetropolisSampler", "langevin_update", "leapfrog", "log_density_closure", "priors"]

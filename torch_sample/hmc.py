@@ -74,13 +74,6 @@ class HMC(MetropolisSampler):
         self.num_leapfrog = num_leapfrog
         self.jitter = float(jitter)
 
-    def _kinetic(self, momentum: list[torch.Tensor], inv_mass: list[torch.Tensor]) -> float:
-        if self.dense_mass:
-            return 0.5 * self._quad_inv_mass(momentum)
-        if len(momentum) == 1 and momentum[0].dim() == 1:  # one flat parameter (a log density's θ): two ops
-            return 0.5 * torch.dot(inv_mass[0], momentum[0].square()).item()
-        return 0.5 * sum(float((w * m * m).sum()) for w, m in zip(inv_mass, momentum))
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> torch.Tensor:
         if closure is None:
@@ -92,12 +85,13 @@ class HMC(MetropolisSampler):
                            device=self.generator.device if self.generator else None)
             eps *= 1 + self.jitter * (2 * u.item() - 1)
         params = self._params()
-        inv_mass = self._inv_mass()
+        metric = self.metric
+        inv_mass = metric.leapfrog_form()
+        diagonal = None if metric.dense else inv_mass
         start = [p.detach().clone() for p in params]
-        momentum = self._noise_mass_sqrt(start)
-        h0 = cur.potential / temp + self._kinetic(momentum, inv_mass)
+        momentum = metric.sample_mass(start)
+        h0 = cur.potential / temp + 0.5 * metric.quad_inv_mass(momentum, diagonal)
 
-        metric = self._times_inv_mass if self.dense_mass else inv_mass
         new, r = cur, momentum
 
         def grad_fn(position: list[torch.Tensor]) -> tuple[bool, list[torch.Tensor]]:
@@ -107,24 +101,16 @@ class HMC(MetropolisSampler):
 
         with self._restoring_on_error(start, cur):
             for _ in range(self.num_leapfrog):  # in place on the parameters and on the momentum (which is ours)
-                _, _, _, finite = leapfrog(params, r, new.grads, eps, metric, grad_fn, temp)
+                _, _, _, finite = leapfrog(params, r, new.grads, eps, inv_mass, grad_fn, temp)
                 if not finite:
                     break
         energy_error = math.inf
         if finite:
-            energy_error = new.potential / temp + self._kinetic(r, inv_mass) - h0
+            energy_error = new.potential / temp + 0.5 * metric.quad_inv_mass(r, diagonal) - h0
         diverging = not finite or not math.isfinite(energy_error) or energy_error > self.max_energy_error
         accept_prob = 0.0 if diverging else min(1.0, math.exp(min(0.0, -energy_error)))
-        # accept if u < α (no log of u = 0); u in float64 like the energies (float32 would resolve only 2⁻²⁴)
-        u = torch.rand((), dtype=torch.float64, generator=self.generator,
-                       device=self.generator.device if self.generator else None)
-        if not diverging and u.item() < accept_prob:
-            self._finish(new)
-            energy = h0 + energy_error
-        else:
-            self._set(start)
-            self._finish(cur)
-            energy = h0
+        # u in float64 like the energies (float32 would resolve only 2⁻²⁴)
+        energy = h0 + energy_error if self._accept_or_reject(accept_prob, diverging, new, start, cur) else h0
         self.stats = {"lp": -self._current.potential / temp, "acceptance_rate": accept_prob, "step_size": eps,
                       "diverging": float(diverging), "energy": energy, "energy_error": energy_error,
                       "n_steps": float(self.num_leapfrog), "grad_evals": float(self.num_leapfrog * self.num_data)}

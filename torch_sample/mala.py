@@ -46,20 +46,13 @@ class MALA(MetropolisSampler):
             energy_error = (new.potential - cur.potential) / temp
 
             def log_q(a, b, grad_b):  # log q(a | b) up to a constant: −‖a − b + hM⁻¹∇U(b)‖²_M / (4hT)
-                drift = self._times_inv_mass(grad_b)
-                return -self._quad_mass([ai - bi + h * d for ai, bi, d in zip(a, b, drift)]) / (4 * h * temp)
+                drift = self.metric.times_inv_mass(grad_b)
+                return -self.metric.quad_mass([ai - bi + h * d for ai, bi, d in zip(a, b, drift)]) / (4 * h * temp)
 
             log_alpha = -energy_error + log_q(start, proposal, new.grads) - log_q(proposal, start, cur.grads)
         diverging = not new.finite or energy_error > self.max_energy_error
         accept_prob = 0.0 if diverging else min(1.0, math.exp(min(0.0, log_alpha)))
-        # accept if u < α, as HMC: no log of u (a float32 u is exactly 0 with probability 2⁻²⁴), u in float64
-        u = torch.rand((), dtype=torch.float64, generator=self.generator,
-                       device=self.generator.device if self.generator else None)
-        if not diverging and u.item() < accept_prob:
-            self._finish(new)
-        else:
-            self._set(start)
-            self._finish(cur)
+        self._accept_or_reject(accept_prob, diverging, new, start, cur)
         self.stats = {"lp": -self._current.potential / temp, "acceptance_rate": accept_prob,
                       "step_size": h, "diverging": float(diverging), "energy_error": energy_error,
                       "n_steps": 1.0, "grad_evals": float(self.num_data)}

@@ -7,25 +7,23 @@ from typing import Any
 
 import torch
 
-from .metropolis import MetropolisSampler
+from .closure import ClosureSampler
 from .priors import Prior
 
 __all__ = ["ULA"]
 
 
-class ULA(MetropolisSampler):
+class ULA(ClosureSampler):
     """θ ← θ − h·M⁻¹∇U(θ) + √(2hT)·M^(−1/2)·ξ with the exact ∇U from the closure (M⁻¹ = I unless
     set in ``state[p]["inv_mass"]``), no Metropolis test (so a
     discretization bias of order h). A step to a non-finite U or ∇U is undone and marked
     ``diverging``. ``stats``: lp, step_size, diverging, n_steps (1), grad_evals (N). Not adapted
     (no acceptance to aim at): ``adapt`` is refused, and ``vr_mcmc.sample`` runs its warmup steps
-    unadapted."""
-
-    adapts_step_size = False
+    unadapted. On the plain `ClosureSampler` base: no target_accept, max_energy_error or dense_mass
+    (no acceptance, energy error or adapted metric)."""
 
     def __init__(self, params: Iterable, lr: float, num_data: int = 1, *, prior: Prior | None = None,
                  temperature: float = 1.0, generator: torch.Generator | None = None):
-        # no target_accept, max_energy_error or dense_mass: ULA has no acceptance, energy error or adapted metric
         super().__init__(params, lr, num_data, prior=prior, temperature=temperature, generator=generator)
 
     @torch.no_grad()
@@ -41,8 +39,7 @@ class ULA(MetropolisSampler):
         if new.finite:
             self._finish(new)
         else:
-            self._set(start)
-            self._finish(cur)
+            self._reject(start, cur)
         self.stats = {"lp": -self._current.potential / temp, "step_size": h, "diverging": float(not new.finite),
                       "n_steps": 1.0, "grad_evals": float(self.num_data)}
         return torch.tensor(self._current.potential)
@@ -50,3 +47,4 @@ class ULA(MetropolisSampler):
     def adapt(self, on: bool = True, num_warmup: int | None = None) -> None:
         if on:
             raise ValueError("ULA has no acceptance rate to adapt its step size to; use MALA or HMC for warmup")
+

@@ -8,7 +8,8 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "TransformerClassifier", "cnn", "lenet5", "mlp", "resnet34", "vgg16"]
+__all__ = ["ARCHITECTURES", "PartlyOutside", "TransformerClassifier", "cnn", "lenet5", "mlp", "rad_cnn", "resnet34",
+           "vgg16"]
 
 
 def mlp(sizes: Sequence[int] = (784, 512, 512, 10), activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -39,6 +40,33 @@ def cnn(
             h, w = h // 2, w // 2
     layers += [nn.Flatten(), nn.Linear(c * h * w, num_classes)]
     return nn.Sequential(*layers)
+
+
+def rad_cnn() -> nn.Sequential:
+    """The randomized-autodiff memory benchmark's CNN for 3×32×32 inputs: three 5×5 convolutions
+    (16, 32, 32 channels, padding 2), each with ReLU and 2×2 pooling (max, max, average), then
+    Linear 512→10. Smaller than Oktay et al.'s own CNN; used by `benchmarks/rad_memory.py` and the tests."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(512, 10),
+    )
+
+
+class PartlyOutside(nn.Module):
+    """A 784-512-10 net whose ``fc.weight`` is also used by ``F.linear`` in the parent's forward, with
+    a factor s: a share s/(1+s) of its gradient bypasses the per-example engine's hooks (the case
+    the engine's consistency check must refuse; used by `benchmarks/check_detection.py` and the tests)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.fc = nn.Linear(784, 512)
+        self.head = nn.Linear(512, 10)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x) + self.factor * nn.functional.linear(x, self.fc.weight)))
 
 
 class TransformerClassifier(nn.Module):

@@ -15,7 +15,7 @@ from .runner import build
 __all__ = ["SUPPORTED", "preflight"]
 
 SUPPORTED = ("SG samplers (torch_sample.LangevinSampler: SGLD, SAGALD, SVRGLD, SGLDCV) and closure samplers "
-             "(torch_sample.MetropolisSampler: ULA, MALA, HMC)")
+             "(torch_sample.ClosureSampler: ULA, MALA, HMC)")
 
 
 def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -37,14 +37,14 @@ def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.nda
 
 
 def check_sampler(sampler: Any, num_data: int) -> None:
+    from torch_sample.closure import ClosureSampler
     from torch_sample.langevin import LangevinSampler
-    from torch_sample.metropolis import MetropolisSampler
 
-    if not isinstance(sampler, (LangevinSampler, MetropolisSampler)):
+    if not isinstance(sampler, (LangevinSampler, ClosureSampler)):
         raise TypeError(f"sampler_fn(model) returned a {type(sampler).__module__}.{type(sampler).__name__}, which "
                         f"vr_mcmc.sample cannot drive: it supports {SUPPORTED}")
     n = getattr(sampler, "num_data", None)
-    if isinstance(sampler, MetropolisSampler) and n == 1 and num_data > 1:
+    if isinstance(sampler, ClosureSampler) and n == 1 and num_data > 1:
         raise ValueError(f"{type(sampler).__name__} has num_data=1 but the data has {num_data} examples: "
                          "vr_mcmc.sample gives it a closure of loss_fn on all the data, the mean NLL, which the "
                          f"sampler multiplies by num_data: set num_data={num_data}")

@@ -23,9 +23,9 @@ KINDS = ("warmup", "draws")
 
 
 def is_closure_sampler(sampler: Any) -> bool:
-    from torch_sample.metropolis import MetropolisSampler
+    from torch_sample.closure import ClosureSampler
 
-    return isinstance(sampler, MetropolisSampler)
+    return isinstance(sampler, ClosureSampler)
 
 
 def build(spec: dict[str, Any], chain: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

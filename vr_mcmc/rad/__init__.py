@@ -58,6 +58,13 @@ activations anyway, undoing the saving): SAGA-LD needs the exact model, or forwa
 from .context import exact, repeat_last_pattern
 from .convert import derandomize, randomize, saved_activation_bytes, saved_tensors
 from .layers import (
+    RandConv1d,
+    RandConv2d,
+    RandConv3d,
+    RandLinear,
+    RandomizedLayer,
+)
+from .lean import (
     LeanAvgPool1d,
     LeanAvgPool2d,
     LeanAvgPool3d,
@@ -65,11 +72,6 @@ from .layers import (
     LeanMaxPool2d,
     LeanMaxPool3d,
     LeanReLU,
-    RandConv1d,
-    RandConv2d,
-    RandConv3d,
-    RandLinear,
-    RandomizedLayer,
 )
 from .sampling import MODES, num_kept, variance_factor
 

@@ -9,6 +9,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layers import (
+    RandConv1d,
+    RandConv2d,
+    RandConv3d,
+    RandLinear,
+    RandomizedLayer,
+    check_spec,
+)
+from .lean import (
     LeanAvgPool1d,
     LeanAvgPool2d,
     LeanAvgPool3d,
@@ -16,12 +24,6 @@ from .layers import (
     LeanMaxPool2d,
     LeanMaxPool3d,
     LeanReLU,
-    RandConv1d,
-    RandConv2d,
-    RandConv3d,
-    RandLinear,
-    RandomizedLayer,
-    check_spec,
 )
 
 __all__ = ["derandomize", "randomize", "saved_activation_bytes", "saved_tensors"]

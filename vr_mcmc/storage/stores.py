@@ -53,8 +53,8 @@ class Store:
         """The tensors that hold the rows (saved and restored in place by the table's state dict)."""
         return self._tensors()
 
-    def rows_rep(self, rows: torch.Tensor) -> PerExampleGradient:
-        """The stored rows as a representation in the compute dtype."""
+    def rows_rep(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> PerExampleGradient:
+        """The stored rows as a representation in ``dtype`` (default: the compute dtype)."""
         raise NotImplementedError
 
     def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -105,8 +105,8 @@ class DenseStore(Store):
     def _tensors(self):
         return [self.data]
 
-    def rows_rep(self, rows):
-        return Dense(self.data[rows].to(self.compute_dtype))
+    def rows_rep(self, rows, dtype=None):
+        return Dense(self.data[rows].to(dtype or self.compute_dtype))
 
     def _put(self, rows, rep):
         self.data[rows] = rep.dense().to(self.data)
@@ -130,9 +130,9 @@ class FactoredStore(Store):
     def _tensors(self):
         return [self.inputs, self.grad_outputs]
 
-    def rows_rep(self, rows):
-        return Factored(self.inputs[rows].to(self.compute_dtype), self.grad_outputs[rows].to(self.compute_dtype),
-                        self.shape)
+    def rows_rep(self, rows, dtype=None):
+        dtype = dtype or self.compute_dtype
+        return Factored(self.inputs[rows].to(dtype), self.grad_outputs[rows].to(dtype), self.shape)
 
     def _put(self, rows, rep):
         if not isinstance(rep, Factored) or rep.inputs.shape[1:] != self.inputs.shape[1:] \
@@ -164,8 +164,8 @@ class SparseStore(Store):
     def _tensors(self):
         return [self.indices, self.values]
 
-    def rows_rep(self, rows):
-        return RowSparse(self.indices[rows], self.values[rows].to(self.compute_dtype), self.shape[0])
+    def rows_rep(self, rows, dtype=None):
+        return RowSparse(self.indices[rows], self.values[rows].to(dtype or self.compute_dtype), self.shape[0])
 
     def _put(self, rows, rep):
         if not isinstance(rep, RowSparse) or rep.indices.shape[1] != self.indices.shape[1]:
@@ -205,8 +205,9 @@ class LowRankStore(Store):
     def _tensors(self):
         return [self.left, self.right]
 
-    def rows_rep(self, rows):
-        return LowRank(self.left[rows].to(self.compute_dtype), self.right[rows].to(self.compute_dtype), self.shape)
+    def rows_rep(self, rows, dtype=None):
+        dtype = dtype or self.compute_dtype
+        return LowRank(self.left[rows].to(dtype), self.right[rows].to(dtype), self.shape)
 
     def _put(self, rows, rep):
         b = rep.batch_size

@@ -17,6 +17,7 @@ from .stores import DenseStore, FactoredStore, LowRankStore, SparseStore, Store
 __all__ = ["GradientTable", "TableTooLargeError"]
 
 POLICIES = ("auto", "dense", "factored", "lowrank")
+FOLD_EVERY = 16  # updates between folds of the float32 running sums into the float64 accumulator
 _RECOMPUTE_ELEMENTS = 1 << 26  # bound on the elements of the rows recomputed at once
 
 
@@ -36,11 +37,16 @@ class GradientTable:
       recording the relative error dropped (``lowrank_error``); vector parameters dense;
     - ``"auto"``: per parameter, the cheapest exact layout (factors, embedding lookups or dense).
 
-    ``dtype`` is the storage dtype (e.g. float16/bfloat16); ``total`` accumulates in the
-    parameters' dtype, or float32 for lower-precision parameters. The invariant, kept exactly up
-    to the rounding of that accumulation:
-    after every ``update``, ``total`` equals the sum of the rows as actually stored (after
-    compression and rounding), so SAGA's estimate stays unbiased. A table larger than the free
+    ``dtype`` is the storage dtype (e.g. float16/bfloat16). Sums of rows, and ``total``, are in
+    the parameters' dtype, or float32 for lower-precision parameters (SAGA's estimate is in that
+    dtype). The invariant: after every ``update``, ``total`` equals the sum of the rows as
+    actually stored (after compression and rounding), so SAGA's estimate stays unbiased. Below
+    float64, adding and subtracting batch sums into a float32 total would round at the scale of
+    the total every step, a drift that grows with the steps (4e-6 relative after 10^4 steps,
+    measured); so the batch sums also go into a small buffer that is folded every
+    ``FOLD_EVERY`` updates into a float64 accumulator, from which ``total`` is then reset. What
+    separates ``total`` from the rows' sum is then the rounding of each batch's own sums and at
+    most ``FOLD_EVERY`` float32 roundings of the total, whatever the number of steps. A table larger than the free
     memory of its device is refused before allocation (`TableTooLargeError`, listing cheaper
     strategies).
 
@@ -96,11 +102,16 @@ class GradientTable:
         self.seed = seed
         self.stores: dict[str, Store] = {}
         self.layouts: dict[str, RowLayout] = {}
-        # total accumulates in at least float32: bfloat16 sums of many updates would drift.
+        # total in at least float32: bfloat16 sums of many updates would drift. Below float64, a float64
+        # accumulator of the batch sums (`_exact`) and the float32 sums since its last fold (`_recent`).
         self._total = {
             n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=self.device)
             for n, p in params.items()
         }
+        low = [n for n, t in self._total.items() if t.dtype != torch.float64]
+        self._exact = {n: torch.zeros_like(self._total[n], dtype=torch.float64) for n in low}
+        self._recent = {n: torch.zeros_like(self._total[n]) for n in low}
+        self._since_fold = 0
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -225,6 +236,8 @@ class GradientTable:
             # In place, without temporaries; a sum that is the total itself must be copied first.
             new, old = (t.clone() if t.untyped_storage().data_ptr() == storage else t for t in (new, old))
             total.add_(new.to(total.dtype)).sub_(old.to(total.dtype))
+            if n in self._recent:
+                self._recent[n].add_(new.to(total.dtype)).sub_(old.to(total.dtype))
             checks.append(total.sum())
         # A non-finite row (an overflow in a low storage dtype, a diverging step) would leave a total
         # at inf/NaN for good: recompute such totals from the rows as stored (one host sync here).
@@ -232,6 +245,17 @@ class GradientTable:
         for n, ok in zip(self.stores, finite):
             if not ok:
                 self._recompute(n)
+        self._since_fold += 1
+        if self._since_fold >= FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add the float32 sums since the last fold to the float64 accumulator; reset ``total`` from it."""
+        for n, recent in self._recent.items():
+            self._exact[n].add_(recent)
+            recent.zero_()
+            self._total[n].copy_(self._exact[n])
+        self._since_fold = 0
 
     def row_differences(
         self, indices: torch.Tensor, grads: Mapping[str, PerExampleGradient]
@@ -262,17 +286,20 @@ class GradientTable:
         return self._total
 
     def recompute_total(self) -> None:
-        """Recompute ``total`` from the stored rows (clears the rounding of many incremental updates)."""
+        """Recompute ``total`` from the stored rows, summed in float64 (clears the rounding of the updates)."""
         for n in self.stores:
             self._recompute(n)
 
     def _recompute(self, name: str) -> None:
-        store, total = self.stores[name], self._total[name]
+        store, total = self.stores[name], self._exact.get(name, self._total[name])
         total.zero_()
         step = max(1, _RECOMPUTE_ELEMENTS // max(1, total.numel()))
         for s in range(0, self.num_rows, step):  # in chunks: the table may be close to free memory
             rows = torch.arange(s, min(s + step, self.num_rows), device=self.device)
-            total.add_(store.rows_rep(rows).sum().to(total.dtype))
+            total.add_(store.rows_rep(rows, torch.float64).sum())
+        if name in self._exact:
+            self._recent[name].zero_()
+            self._total[name].copy_(total)
 
     @property
     def nbytes(self) -> int:
@@ -296,6 +323,8 @@ class GradientTable:
             "layouts": {n: vars(lay).copy() for n, lay in self.layouts.items()},
             "rows": {n: [t.clone() for t in s.state_tensors()] for n, s in self.stores.items()},
             "total": {n: t.clone() for n, t in self._total.items()},
+            "accumulator": {n: (self._exact[n].clone(), self._recent[n].clone()) for n in self._exact},
+            "since_fold": self._since_fold,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -313,6 +342,12 @@ class GradientTable:
                 mine_t.copy_(saved)
         for n, t in state["total"].items():
             self._total[n].copy_(t)
+        saved = state.get("accumulator", {})  # absent from tables saved before the float64 accumulator
+        for n in self._exact:
+            exact, recent = saved.get(n, (self._total[n], torch.zeros(())))
+            self._exact[n].copy_(exact)
+            self._recent[n].copy_(recent)
+        self._since_fold = state.get("since_fold", 0)
 
     @property
     def lowrank_error(self) -> dict[str, torch.Tensor]:
