@@ -63,7 +63,7 @@ WIDE = (1.5e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3)  # where the best step sat at the ed
 REGIMES = {
     "cold": Regime("cold", 32, temperature=0.1),
     "base": Regime("base", 32, steps=WIDE),
-    "large-batch": Regime("large-batch", 128, steps=WIDE),
+    "large-batch": Regime("large-batch", 128, steps=(*WIDE, 4.8e-3)),
     "small-N": Regime("small-N", 32, num_train=300, steps=(6.75e-4, 1.35e-3, 2.7e-3, 5.4e-3, 1.08e-2)),  # Hessian ∝ N
     "small-batch": Regime("small-batch", 8),
     "cold-small-batch": Regime("cold-small-batch", 8, temperature=0.1),

@@ -75,7 +75,7 @@ DEMO_SETTINGS = (
             {"SGLD": 6e-4, "SAGA-LD": 6e-4, "SVRG-LD": 6e-4, "SGLD-CV": 1.2e-3}),
     Setting("base", "T = 1, batch 32: SGLD's minibatch noise is small, VR cannot help",
             DigitsBNN(), 32,
-            {"SGLD": 6e-4, "SAGA-LD": 6e-4, "SVRG-LD": 6e-4, "SGLD-CV": 6e-4}),
+            {"SGLD": 1.2e-3, "SAGA-LD": 1.2e-3, "SVRG-LD": 1.2e-3, "SGLD-CV": 1.2e-3}),
 )
 
 
