@@ -206,6 +206,7 @@ def full_table(scores: dict, show=(1, 3, 10, 30, 100)) -> list[str]:
 
 
 COLORS = {"SGLD": "tab:blue", "SAGA-LD": "tab:red", "SVRG-LD": "tab:green", "SGLD-CV": "tab:purple"}
+STYLES = {"SGLD": "-", "SAGA-LD": "--", "SVRG-LD": "-.", "SGLD-CV": ":"}
 
 
 def plot(all_scores: dict, summaries: dict, path: Path) -> None:
@@ -215,14 +216,19 @@ def plot(all_scores: dict, summaries: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(all_scores)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.3 * rows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), names):
         scores, summary = all_scores[name], summaries[name]
         for method, info in summary.get("methods", {}).items():
             s = scores[(method, info["lr"])]
             budgets = np.array(s["budgets"], dtype=float)
             tv = s["tv"]
-            ax.plot(budgets, np.nanmean(tv, 0), color=COLORS[method], lw=2, label=f"{method} (h={info['lr']:g})")
+            ax.plot(budgets, np.nanmean(tv, 0), color=COLORS[method], ls=STYLES[method], lw=2,
+                    label=f"{method} (h={info['lr']:g})")
             ax.fill_between(budgets, np.nanmin(tv, 0), np.nanmax(tv, 0), color=COLORS[method], alpha=0.15, lw=0)
         if "target_tv" in summary:
             ax.axhline(summary["target_tv"], color="k", ls="--", lw=1, label="target: SGLD's TV at the end")
@@ -234,7 +240,7 @@ def plot(all_scores: dict, summaries: dict, path: Path) -> None:
         ax.set_ylabel("TV to the HMC reference predictive", fontsize=9)
         ax.set_title(REGIMES[name].label(), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="lower left")
     fig.suptitle("Digits BNN: total variation to the reference vs cost (each method at its best step; band: seeds)",
                  fontsize=11)
     fig.tight_layout()
@@ -253,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--score-only", action="store_true")
     p.add_argument("--no-timing", action="store_true",
                    help="wall times from the chains themselves, not from separate chains timed in turn")
+    p.add_argument("--retime", action="store_true", help="time the methods again even if timings are cached")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
@@ -272,9 +279,16 @@ def main(argv=None) -> int:
         if not scores:
             continue
         per_pass = None
+        timing = CACHE / regime.name / "seconds_per_pass.json"
         if not args.no_timing:
             _, first = headline(regime, scores, reference, args.passes)
-            per_pass = seconds_per_pass(regime, {m: v["lr"] for m, v in first["methods"].items()})
+            lrs = {m: v["lr"] for m, v in first["methods"].items()}
+            cached = json.loads(timing.read_text()) if timing.exists() and not args.retime else {}
+            if cached.get("lrs") != lrs:
+                cached = {"lrs": lrs, "seconds_per_pass": seconds_per_pass(regime, lrs),
+                          "when": time.strftime("%Y-%m-%d %H:%M")}
+                timing.write_text(json.dumps(cached))
+            per_pass = cached["seconds_per_pass"]
         lines, summary = headline(regime, scores, reference, args.passes, per_pass)
         summary["seconds_per_pass"] = per_pass
         print(f"\n=== {regime.label()} (mean over {args.seeds} seeds)")
