@@ -176,7 +176,7 @@ def run_setting(setting: Setting, cfg: Config, *, seed: int, device: str, progre
     say(f"posterior: {setting.problem.name}; reference: HMC, {meta.get('chains')} chains x "
         f"{meta.get('draws_per_chain')} draws (its halves differ by TV {meta.get('tv_halves', math.nan):.4f}); "
         f"{cfg.num_chains} chains per method, {cfg.passes:g} passes each")
-    say(f"{'method':<9}{'step h':>9}{'TV':>8}{'agree':>8}{'loglik':>9}{'acc':>8}{'passes to SGLD TV':>19}"
+    say(f"{'method':<9}{'step h':>9}{'TV':>8}{'agree':>8}{'loglik':>9}{'acc':>8}{'passes to SGLD TV':>22}"
         f"{'wall s':>8}{'noise_ratio':>12}")
     for method, res in results.items():
         s = res["scores"]
@@ -185,7 +185,7 @@ def run_setting(setting: Setting, cfg: Config, *, seed: int, device: str, progre
         res.update(passes_to_target=b, seconds_to_target=secs)
         reach = "never" if not math.isfinite(b) else f"{b:g} ({b / budgets[end]:.2f}x, {secs / sgld_secs:.2f}x s)"
         say(f"{method:<9}{res['lr']:>9.2g}{np.nanmean(s['tv'][:, end]):>8.4f}{np.nanmean(s['agreement'][:, end]):>8.4f}"
-            f"{np.nanmean(s['loglik'][:, end]):>9.4f}{np.nanmean(s['accuracy'][:, end]):>8.4f}{reach:>19}"
+            f"{np.nanmean(s['loglik'][:, end]):>9.4f}{np.nanmean(s['accuracy'][:, end]):>8.4f}{reach:>22}"
             f"{np.nanmean(s['seconds'][:, end]):>8.1f}{res['noise_ratio']:>12.3g}")
     say(f"TV / agree / loglik / acc: the predictive of passes ({budgets[end] / 2:g}, {budgets[end]:g}] of each chain "
         f"(mean over chains) against the reference: total variation, top-class agreement, test log-likelihood, "
