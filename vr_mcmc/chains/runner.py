@@ -15,7 +15,7 @@ import torch
 from ..recorder import Recorder
 from .blocks import ChainBlocks, verify_blocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
-from .stream import IndexStream, as_data, chain_seeds
+from .stream import as_data, chain_seeds, index_stream
 
 __all__ = ["ChainRunner", "run_chain"]
 
@@ -51,11 +51,12 @@ class ChainRunner:
         self.model, self.sampler = build(spec, chain)
         self.recorder = Recorder(spec["record"], spec["log_likelihood"])
         self.num_data, self.fetch = as_data(spec["data"])
-        self.stream = IndexStream(self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        self.stream = index_stream(self.sampler, self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
         self.closure_sampler = is_closure_sampler(self.sampler)
         self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
         self.total = self.num_warmup + spec["num_samples"]
         self.step, self.blocks, self.elapsed = 0, {"warmup": 0, "draws": 0}, 0.0
+        self.grad_evals = 0.0  # per-example gradients computed so far, warmup included (-> data_passes)
         self.index: dict[str, list[dict[str, Any]]] = {"warmup": [], "draws": []}  # the blocks written, checksummed
         self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
         self.full_batch: tuple | None = None
@@ -72,6 +73,7 @@ class ChainRunner:
             torch.set_rng_state(state["torch_rng"])
             self.stream.load_state_dict(state["stream"])
             self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
+            self.grad_evals = state.get("grad_evals", 0.0)
             self.index = state["index"]
             verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
@@ -93,7 +95,7 @@ class ChainRunner:
             needed = max(2 * size, 4 * sum(p.numel() * p.element_size() for p in self.model.parameters())) + 2**16
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "stream": self.stream.state_dict(), "index": self.index,
+                         "stream": self.stream.state_dict(), "index": self.index, "grad_evals": self.grad_evals,
                          "elapsed": self.elapsed + time.perf_counter() - self.start_time},
                         self.ckpt_path, needed)
 
@@ -124,14 +126,15 @@ class ChainRunner:
         sampler = self.sampler
         if self.closure_sampler:
             sampler.step(self.full_closure)
-            return
-        idx = self.stream.next()
-        closure = self.batch_closure(self.fetch(idx))
-        if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
-            sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
         else:
-            loss = closure()
-            sampler.step(indices=idx, loss=loss.detach())
+            idx = self.stream.next()
+            closure = self.batch_closure(self.fetch(idx))
+            if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
+                sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
+            else:
+                loss = closure()
+                sampler.step(indices=idx, loss=loss.detach())
+        self.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
 
     def keep(self) -> None:
         """Buffers the draw at ``self.step`` if it is kept (thinning; warmup with ``save_warmup``)."""
@@ -140,7 +143,10 @@ class ChainRunner:
         kept = (step - (0 if in_warmup else num_warmup)) % self.thin == 0
         if kept and (not in_warmup or self.spec["save_warmup"]):
             kind = "warmup" if in_warmup else "draws"
-            for group, values in self.recorder.values(self.model, self.sampler).items():
+            draw = self.recorder.values(self.model, self.sampler)
+            # the driver counts data passes; a sampler that reports its own keeps them (no double count)
+            draw["sample_stats"].setdefault("data_passes", np.asarray(self.grad_evals / self.num_data))
+            for group, values in draw.items():
                 for name, value in values.items():
                     self.buffers[kind].setdefault(group, {}).setdefault(name, []).append(value)
 
