@@ -1,4 +1,8 @@
-"""The `vr-mcmc` command."""
+"""The `vr-mcmc` command.
+
+Arguments are parsed before anything heavy is imported: torch and the library load inside each command, so
+that ``vr-mcmc --help`` and ``vr-mcmc summary --help`` answer at once (``vr-mcmc demo ...`` imports the demo
+module, which defines its options, before parsing them)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from . import __version__
-from .models import TransformerClassifier, cnn, mlp
-from .per_example import PerExampleGradients, sq_norms
-from .per_example.reference import loop_per_example_grads
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,6 +29,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """Per-example gradients of three networks, checked against a loop of single-example backward passes."""
+    import torch
+    import torch.nn.functional as F
+
+    from .models import TransformerClassifier, cnn, mlp
+    from .per_example import PerExampleGradients, sq_norms
+    from .per_example.reference import loop_per_example_grads
+
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     b = args.batch_size
@@ -84,6 +89,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _memory(args: argparse.Namespace) -> int:
     """The gradient-table memory of each strategy for an architecture and data size (DESIGN.md §4)."""
+    import torch
+
     from .models import ARCHITECTURES
     from .storage import plan
 
@@ -224,18 +231,21 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_demo_options: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``with_demo_options=False`` leaves out the demo's options, whose definitions import the demo
+    module (and torch): `main` asks for them only when the command is ``demo``."""
     parser = argparse.ArgumentParser(
         prog="vr-mcmc",
         description="Variance-reduced SG-MCMC for PyTorch networks: per-example gradients, samplers, diagnostics.",
     )
     parser.add_argument("--version", action="version", version=f"vr-mcmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .demo import add_arguments
-
     demo = sub.add_parser("demo", help="SG samplers on a Bayesian MLP against an HMC reference: where VR pays",
                           description=_demo.__doc__)
-    add_arguments(demo)
+    if with_demo_options:
+        from .demo import add_arguments
+
+        add_arguments(demo)
     demo.set_defaults(func=_demo)
 
     summary = sub.add_parser("summary", help="diagnostics of a saved run (netCDF)", description=_summary.__doc__)
@@ -267,8 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(with_demo_options=_command(argv) == "demo")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
