@@ -113,3 +113,39 @@ def test_driver_records_data_passes():
     own = vr_mcmc.sample(chain_job.model_fn, own_passes, chain_job.loss_fn, (chain_job.X, chain_job.Y), batch_size=20,
                          num_chains=1, num_warmup=2, num_samples=3, progress=False)
     assert (own.sample_stats["data_passes"].values == 42.0).all()
+
+
+def _threads_seen(**kw) -> np.ndarray:
+    idata = vr_mcmc.sample(chain_job.model_fn, chain_job.sgld, chain_job.loss_fn, (chain_job.X, chain_job.Y),
+                           batch_size=20, num_chains=2, num_warmup=2, num_samples=3, progress=False,
+                           record={"threads": lambda m: torch.get_num_threads()}, **kw)
+    return idata.posterior["threads"].values
+
+
+def test_num_threads_default_and_restore():
+    """num_threads=None runs a small model on one thread, an explicit num_threads is used as given, and the
+    caller's setting comes back after the run (also after an error); models of 1M parameters or more keep
+    torch's setting (checked on the choice itself: building one here would be slow)."""
+    from vr_mcmc.chains.sampling import SMALL_MODEL, default_threads
+
+    torch.set_num_threads(2)
+    assert (_threads_seen() == 1).all()
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    assert (_threads_seen(num_threads=2) == 2).all()
+    assert torch.get_num_threads() == 1
+
+    def failing_loss(model, batch):
+        raise RuntimeError("boom")
+
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="boom"):
+        vr_mcmc.sample(chain_job.model_fn, chain_job.sgld, failing_loss, (chain_job.X, chain_job.Y), batch_size=20,
+                       num_chains=1, num_warmup=0, num_samples=2, progress=False)
+    assert torch.get_num_threads() == 2
+    big = {"model": {"param:w": [SMALL_MODEL, "torch.float32"]}}
+    small = {"model": {"param:w": [10, 10, "torch.float32"], "buffer:b": [10**7, "torch.float32"]}}
+    assert default_threads(big, parallel=False) is None and default_threads(small, parallel=False) == 1
+    assert default_threads(big, parallel=True) == 1
+    with pytest.raises(ValueError, match="num_threads"):
+        _threads_seen(num_threads=0)
