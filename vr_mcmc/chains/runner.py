@@ -134,7 +134,7 @@ class ChainRunner:
                 sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
             else:
                 loss = closure()
-                sampler.step(indices=idx, loss=loss.detach())
+                sampler.step(indices=idx, loss=loss)  # attached: the sampler checks its reduction once
         self.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
 
     def keep(self) -> None:
