@@ -120,7 +120,9 @@ def _fmt(value) -> str:
 
 def _summary(args: argparse.Namespace) -> int:
     """Diagnostics of a saved run (a netCDF file written by vr_mcmc.sample's checkpoint, the demo, or
-    az.InferenceData.to_netcdf): ArviZ summary of the posterior, divergences, sampler statistics, LOO, attributes."""
+    az.InferenceData.to_netcdf): ArviZ summary of the posterior, divergences, sampler statistics (data_passes: the final
+    count), the log predictive density of the log_likelihood observations (PSIS-LOO with --loo, for training data),
+    attributes; a note when the run is too short for R-hat and ESS."""
     import arviz as az
     import numpy as np
     import pandas as pd
@@ -157,6 +159,9 @@ def _summary(args: argparse.Namespace) -> int:
     if "tuning_steps" in attrs:
         line += f", {attrs.pop('tuning_steps')} warmup steps"
     print(line)
+    if draws < SHORT_RUN:
+        print(f"note: {draws} draws per chain is too few for R-hat and ESS to mean much (a short or --quick run); "
+              f"use at least {SHORT_RUN} per chain, better several hundred")
     if attrs:
         print("attributes: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(attrs.items())))
 
@@ -195,15 +200,20 @@ def _summary(args: argparse.Namespace) -> int:
 
     stats = _group(idata, "sample_stats")
     if stats is not None and stats.data_vars:
-        print("\n=== sample_stats (mean per chain)")
+        print("\n=== sample_stats (mean per chain; data_passes: the final count)")
         if "diverging" in stats:
             div = stats["diverging"].values.astype(bool)
             per_chain = ", ".join(str(int(d)) for d in div.reshape(div.shape[0], -1).sum(1))
             print(f"divergences: {int(div.sum())} of {div.size} draws (per chain: {per_chain})")
         else:
             print("divergences: none recorded (the sampler records no 'diverging' statistic)")
-        table = {k: stats[k].values.reshape(stats[k].shape[0], -1).astype(np.float64).mean(1)
-                 for k in stats.data_vars if k != "diverging" and stats[k].ndim == 2}
+        # data_passes is a running count: its final value (the largest) is the chain's, not its mean
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN statistic (e.g. noise_ratio without engine)
+            table = {("data_passes (final)" if k == "data_passes" else k):
+                     (np.nanmax if k == "data_passes" else np.nanmean)(
+                         stats[k].values.reshape(stats[k].shape[0], -1).astype(np.float64), axis=1)
+                     for k in stats.data_vars if k != "diverging" and stats[k].ndim == 2}
         if table:
             frame = pd.DataFrame(table, index=[f"chain {c}" for c in range(chains)]).T
             with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
@@ -211,24 +221,55 @@ def _summary(args: argparse.Namespace) -> int:
     else:
         print("\nno sample_stats group")
 
-    if _group(idata, "log_likelihood") is not None:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                loo = az.loo(idata)
-            print(f"\n=== PSIS-LOO over the log_likelihood group: elpd_loo {float(loo['elpd_loo']):.2f} "
-                  f"(se {float(loo['se']):.2f}), p_loo {float(loo['p_loo']):.2f}, "
-                  f"{int((np.asarray(loo['pareto_k']) > 0.7).sum())} of {np.asarray(loo['pareto_k']).size} "
-                  "Pareto k above 0.7")
-            if caught:
-                first = str(caught[0].message).split(". ")[0]
-                print(f"({len(caught)} warning(s) from az.loo: {first})")
-        except Exception as exc:
-            print(f"\n(az.loo failed: {type(exc).__name__}: {exc})")
+    loglik = _group(idata, "log_likelihood")
+    if loglik is not None:
+        _log_predictive(loglik)
+        if args.loo:
+            _loo(idata)
+        else:
+            print("(PSIS-LOO estimates out-of-sample fit from the *training* data's pointwise log-likelihood: "
+                  "if the log_likelihood group holds the training data, --loo computes it)")
     warm = [g for g in groups if g.startswith("warmup_")]
     if warm:
         print(f"\nwarmup draws are saved too ({', '.join(warm)}); the summary above is of the posterior draws")
     return 0
+
+
+SHORT_RUN = 100  # draws per chain under which `summary` notes that R-hat and ESS mean little
+
+
+def _log_predictive(loglik) -> None:
+    """The log pointwise predictive density of the log_likelihood group's observations, Σ_i log mean_s p(y_i|θ_s):
+    on held-out data (the demo records the test set) this is the test log predictive density."""
+    import numpy as np
+    from scipy.special import logsumexp
+
+    for name in loglik.data_vars:
+        values = loglik[name].values.astype(np.float64)
+        flat = values.reshape(-1, *values.shape[2:]).reshape(values.shape[0] * values.shape[1], -1)
+        lpd = logsumexp(flat, axis=0) - np.log(flat.shape[0])
+        print(f"\n=== log predictive density of the {flat.shape[1]} observations in log_likelihood/{name}: "
+              f"{lpd.sum():.2f} (mean {lpd.mean():.4f} per observation), Σ_i log mean over draws of p(y_i | θ); "
+              "for held-out data (the demo's are the test set) this is the test log predictive density")
+
+
+def _loo(idata) -> None:
+    import arviz as az
+    import numpy as np
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loo = az.loo(idata)
+        print(f"\n=== PSIS-LOO (valid when log_likelihood holds the training data): elpd_loo "
+              f"{float(loo['elpd_loo']):.2f} (se {float(loo['se']):.2f}), p_loo {float(loo['p_loo']):.2f}, "
+              f"{int((np.asarray(loo['pareto_k']) > 0.7).sum())} of {np.asarray(loo['pareto_k']).size} "
+              "Pareto k above 0.7")
+        if caught:
+            first = str(caught[0].message).split(". ")[0]
+            print(f"({len(caught)} warning(s) from az.loo: {first})")
+    except Exception as exc:
+        print(f"\n(az.loo failed: {type(exc).__name__}: {exc})")
 
 
 def build_parser(with_demo_options: bool = True) -> argparse.ArgumentParser:
@@ -254,6 +295,8 @@ def build_parser(with_demo_options: bool = True) -> argparse.ArgumentParser:
                          "or only the scalars when there are more than --max-quantities)")
     summary.add_argument("--max-quantities", type=int, default=40,
                          help="summarize every quantity up to this many (default 40)")
+    summary.add_argument("--loo", action="store_true", help="PSIS-LOO of the log_likelihood group: only when it "
+                         "holds the training data's pointwise log-likelihood (the demo's is the test set)")
     summary.set_defaults(func=_summary)
 
     check = sub.add_parser("check", help="check per-example gradients against a loop of single-example backwards",
