@@ -2,7 +2,7 @@
 
 Same algorithm, same settings: HMC with a fixed step size ε, a fixed number L of leapfrog steps and the same diagonal
 inverse mass matrix M⁻¹, no adaptation during sampling, from the same starting points, on posteriordb reference
-posteriors (``tests/refposteriors.py``; data in ``../shared/refposteriors`` or ``$VR_MCMC_REFPOSTERIORS``). Float64,
+posteriors (``tests/refposteriors.py``; data in ``tests/data/refposteriors`` or ``$VR_MCMC_REFPOSTERIORS``). Float64,
 CPU, one thread (``torch.set_num_threads(1)``).
 
 - Settings per posterior: one warmup run of our HMC with adaptation on (``adapt(True, num_warmup=--warmup)``,

@@ -2,13 +2,15 @@
 
 Each :class:`RefPosterior` gives log π(θ) = log prior + log likelihood + log|det J| over the unconstrained θ ∈ R^dim
 (autograd gives ∇log π), the map θ -> constrained parameters named as in the reference draws, its inverse, a random
-start and the reference draws (10 chains x 1000 draws, rstan NUTS). The math follows ``INDEX.md`` in the shared folder
-(posteriordb commit 28f8d3d, BSD-3 (c) Stan Developers); no Stan code is used. Additive constants are partly dropped
-(e.g. the factor 2 of half-priors), which no sampler sees.
+start and the reference draws (10 chains x 1000 draws, rstan NUTS). The math follows
+``tests/data/refposteriors/INDEX.md`` (posteriordb commit 28f8d3d, BSD-3 (c) Stan Developers); no Stan code is used.
+Additive constants are partly dropped (e.g. the factor 2 of half-priors), which no sampler sees.
 
-The data live outside the repository, in ``<repo>/../shared/refposteriors`` or the folder named by the environment
-variable ``VR_MCMC_REFPOSTERIORS``. Importing never fails when it is missing: :func:`available` says whether it is
-there, and :func:`unavailable_reason` says why not (for ``pytest.mark.skipif``). Data are read lazily and cached.
+The data ship with the repository in ``tests/data/refposteriors`` (posteriordb's JSON files, unchanged but
+xz-compressed; source and license in the README there); the environment variable ``VR_MCMC_REFPOSTERIORS`` names
+another folder (plain ``NAME.kind.json`` or ``NAME.kind.json.xz``). Importing never fails when the data are missing:
+:func:`available` says whether they are there, and :func:`unavailable_reason` says why not (for
+``pytest.mark.skipif``). Data are read lazily and cached.
 
 Every function takes θ of shape [..., dim] (leading batch dims allowed, e.g. vectorized chains) and returns [...].
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import lzma
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -37,9 +40,7 @@ __all__ = [
 ]
 
 ENV_VAR = "VR_MCMC_REFPOSTERIORS"
-REFPOSTERIOR_DIR: Path = Path(
-    os.environ.get(ENV_VAR) or Path(__file__).resolve().parent.parent.parent / "shared" / "refposteriors"
-)
+REFPOSTERIOR_DIR: Path = Path(os.environ.get(ENV_VAR) or Path(__file__).resolve().parent / "data" / "refposteriors")
 
 _LOG_2PI = math.log(2.0 * math.pi)
 Tensor = torch.Tensor
@@ -307,42 +308,50 @@ def _prepare_garch(raw: dict[str, Any]) -> Data:
 
 
 def available() -> bool:
-    """True if the shared folder holds the data and draws of every posterior."""
+    """True if the data folder holds the data and draws of every posterior."""
     return not unavailable_reason()
 
 
 def unavailable_reason() -> str:
     """Empty if available, else why not (a skip reason)."""
-    missing = [
-        f"{name}.{kind}.json"
-        for name in POSTERIORS
-        for kind in ("data", "draws")
-        if not (REFPOSTERIOR_DIR / f"{name}.{kind}.json").is_file()
-    ]
+    missing = [f"{name}.{kind}.json[.xz]" for name in POSTERIORS for kind in ("data", "draws") if not _path(name, kind)]
     if not missing:
         return ""
     return (
-        f"reference posteriors not found in {REFPOSTERIOR_DIR} (set {ENV_VAR} to the shared/refposteriors folder); "
+        f"reference posteriors not found in {REFPOSTERIOR_DIR} (they ship in tests/data/refposteriors; {ENV_VAR} "
+        "names another folder); "
         f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
     )
 
 
-def _load_json(path: Path) -> Any:
-    with open(path) as f:
+def _path(name: str, kind: str) -> Path | None:
+    """Posterior ``name``'s file ``kind`` ("data" or "draws"): plain JSON, else xz-compressed; None if neither."""
+    for suffix in (".json", ".json.xz"):
+        path = REFPOSTERIOR_DIR / f"{name}.{kind}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_json(name: str, kind: str) -> Any:
+    """Posterior ``name``'s posteriordb JSON file ``kind`` ("data" or "draws"), parsed."""
+    path = _path(name, kind)
+    if path is None:
+        raise FileNotFoundError(unavailable_reason())
+    with (lzma.open(path, "rt") if path.suffix == ".xz" else open(path)) as f:
         return json.load(f)
 
 
 @functools.cache
 def _prepared_data(name: str, dtype: torch.dtype, device: torch.device) -> Data:
     post = POSTERIORS[name]
-    data = post.prepare(_load_json(REFPOSTERIOR_DIR / f"{name}.data.json"))
+    data = post.prepare(load_json(name, "data"))
     return {k: v.to(device=device, dtype=dtype) for k, v in data.items()}
 
 
 @functools.cache
 def _reference_draws(name: str) -> dict[str, np.ndarray]:
-    with open(REFPOSTERIOR_DIR / f"{name}.draws.json") as f:  # not via _load_json: keep only the arrays
-        chains = json.load(f)
+    chains = load_json(name, "draws")
     out = {}
     for param in chains[0]:
         arr = np.array([chain[param] for chain in chains], dtype=np.float64)

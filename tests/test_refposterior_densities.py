@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import refposteriors
 import torch
-from refposteriors import POSTERIORS, REFPOSTERIOR_DIR, RefPosterior, available, unavailable_reason
+from refposteriors import POSTERIORS, RefPosterior, available, unavailable_reason
 from scipy import stats
 
 needs_data = pytest.mark.skipif(not available(), reason=unavailable_reason() or "reference posteriors missing")
@@ -27,8 +26,7 @@ REGRESSIONS = ["sblri-blr", "sblrc-blr", "nes1992-nes", "earnings-logearn_intera
 
 
 def _raw_data(name: str) -> dict:
-    with open(REFPOSTERIOR_DIR / f"{name}.data.json") as f:
-        return json.load(f)
+    return refposteriors.load_json(name, "data")
 
 
 def _grad_log_density(post: RefPosterior, theta: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ friction 1−μ). ``nesterov=True`` (optimization only) is torch.optim.SGD's Nes
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -149,6 +150,7 @@ class LangevinSampler(Optimizer):
         self._divergences = 0  # non-finite steps in a row
         self._grad_norm_first: float | None = None
         self._grad_norm_last = math.nan
+        self._loss_checked = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
@@ -196,6 +198,9 @@ class LangevinSampler(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._loss_checked and loss is not None:
+            self._loss_checked = True
+            self._check_loss_reduction(loss)
         every = self.noise_ratio_every
         self.estimator.diagnose = bool(every) and self._steps % every == 0
         self._steps += 1
@@ -241,6 +246,25 @@ class LangevinSampler(Optimizer):
         if diverging:
             self._diverged(loss)
         return loss
+
+    def _check_loss_reduction(self, loss: Any) -> None:
+        """Warns once when ``loss`` (still attached to its graph) is visibly a batch *sum* while the sampler
+        expects the mean: a torch loss built with reduction="sum" or a final ``.sum()``. Then the gradient, the
+        per-example gradients and ``lp`` are all B times too large, and nothing else can tell (the sum's
+        gradients are consistent with themselves). A loss whose last operation is something else (a sum plus a
+        penalty, a division) is not checked."""
+        node = getattr(loss, "grad_fn", None)
+        if node is None or self.loss_reduction != "mean" or self.num_data == 1:
+            return
+        summed = getattr(node, "_saved_reduction", None) == 2 or type(node).__name__ == "SumBackward0"
+        if summed:
+            warnings.warn(
+                f"{type(self).__name__}: the loss looks like a sum over the batch ({type(node).__name__}), but the "
+                "sampler expects the batch *mean* NLL (it multiplies by num_data): with a sum every gradient is B "
+                "times too large. Use reduction='mean', or pass loss_reduction='sum' to the sampler and to "
+                "PerExampleGradients",
+                stacklevel=3,
+            )
 
     def _finite(self, grads: list[torch.Tensor], loss: Any) -> bool:
         """True when the estimate and the loss are finite: one fused reduction over the gradients."""

@@ -1,4 +1,8 @@
-"""The `vr-mcmc` command."""
+"""The `vr-mcmc` command.
+
+Arguments are parsed before anything heavy is imported: torch and the library load inside each command, so
+that ``vr-mcmc --help`` and ``vr-mcmc summary --help`` answer at once (``vr-mcmc demo ...`` imports the demo
+module, which defines its options, before parsing them)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from . import __version__
-from .models import TransformerClassifier, cnn, mlp
-from .per_example import PerExampleGradients, sq_norms
-from .per_example.reference import loop_per_example_grads
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,6 +29,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """Per-example gradients of three networks, checked against a loop of single-example backward passes."""
+    import torch
+    import torch.nn.functional as F
+
+    from .models import TransformerClassifier, cnn, mlp
+    from .per_example import PerExampleGradients, sq_norms
+    from .per_example.reference import loop_per_example_grads
+
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     b = args.batch_size
@@ -84,6 +89,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _memory(args: argparse.Namespace) -> int:
     """The gradient-table memory of each strategy for an architecture and data size (DESIGN.md §4)."""
+    import torch
+
     from .models import ARCHITECTURES
     from .storage import plan
 
@@ -113,7 +120,9 @@ def _fmt(value) -> str:
 
 def _summary(args: argparse.Namespace) -> int:
     """Diagnostics of a saved run (a netCDF file written by vr_mcmc.sample's checkpoint, the demo, or
-    az.InferenceData.to_netcdf): ArviZ summary of the posterior, divergences, sampler statistics, LOO, attributes."""
+    az.InferenceData.to_netcdf): ArviZ summary of the posterior, divergences, sampler statistics (data_passes: the final
+    count), the log predictive density of the log_likelihood observations (PSIS-LOO with --loo, for training data),
+    attributes; a note when the run is too short for R-hat and ESS."""
     import arviz as az
     import numpy as np
     import pandas as pd
@@ -150,6 +159,9 @@ def _summary(args: argparse.Namespace) -> int:
     if "tuning_steps" in attrs:
         line += f", {attrs.pop('tuning_steps')} warmup steps"
     print(line)
+    if draws < SHORT_RUN:
+        print(f"note: {draws} draws per chain is too few for R-hat and ESS to mean much (a short or --quick run); "
+              f"use at least {SHORT_RUN} per chain, better several hundred")
     if attrs:
         print("attributes: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(attrs.items())))
 
@@ -188,15 +200,20 @@ def _summary(args: argparse.Namespace) -> int:
 
     stats = _group(idata, "sample_stats")
     if stats is not None and stats.data_vars:
-        print("\n=== sample_stats (mean per chain)")
+        print("\n=== sample_stats (mean per chain; data_passes: the final count)")
         if "diverging" in stats:
             div = stats["diverging"].values.astype(bool)
             per_chain = ", ".join(str(int(d)) for d in div.reshape(div.shape[0], -1).sum(1))
             print(f"divergences: {int(div.sum())} of {div.size} draws (per chain: {per_chain})")
         else:
             print("divergences: none recorded (the sampler records no 'diverging' statistic)")
-        table = {k: stats[k].values.reshape(stats[k].shape[0], -1).astype(np.float64).mean(1)
-                 for k in stats.data_vars if k != "diverging" and stats[k].ndim == 2}
+        # data_passes is a running count: its final value (the largest) is the chain's, not its mean
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN statistic (e.g. noise_ratio without engine)
+            table = {("data_passes (final)" if k == "data_passes" else k):
+                     (np.nanmax if k == "data_passes" else np.nanmean)(
+                         stats[k].values.reshape(stats[k].shape[0], -1).astype(np.float64), axis=1)
+                     for k in stats.data_vars if k != "diverging" and stats[k].ndim == 2}
         if table:
             frame = pd.DataFrame(table, index=[f"chain {c}" for c in range(chains)]).T
             with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
@@ -204,38 +221,72 @@ def _summary(args: argparse.Namespace) -> int:
     else:
         print("\nno sample_stats group")
 
-    if _group(idata, "log_likelihood") is not None:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                loo = az.loo(idata)
-            print(f"\n=== PSIS-LOO over the log_likelihood group: elpd_loo {float(loo['elpd_loo']):.2f} "
-                  f"(se {float(loo['se']):.2f}), p_loo {float(loo['p_loo']):.2f}, "
-                  f"{int((np.asarray(loo['pareto_k']) > 0.7).sum())} of {np.asarray(loo['pareto_k']).size} "
-                  "Pareto k above 0.7")
-            if caught:
-                first = str(caught[0].message).split(". ")[0]
-                print(f"({len(caught)} warning(s) from az.loo: {first})")
-        except Exception as exc:
-            print(f"\n(az.loo failed: {type(exc).__name__}: {exc})")
+    loglik = _group(idata, "log_likelihood")
+    if loglik is not None:
+        _log_predictive(loglik)
+        if args.loo:
+            _loo(idata)
+        else:
+            print("(PSIS-LOO estimates out-of-sample fit from the *training* data's pointwise log-likelihood: "
+                  "if the log_likelihood group holds the training data, --loo computes it)")
     warm = [g for g in groups if g.startswith("warmup_")]
     if warm:
         print(f"\nwarmup draws are saved too ({', '.join(warm)}); the summary above is of the posterior draws")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+SHORT_RUN = 100  # draws per chain under which `summary` notes that R-hat and ESS mean little
+
+
+def _log_predictive(loglik) -> None:
+    """The log pointwise predictive density of the log_likelihood group's observations, Σ_i log mean_s p(y_i|θ_s):
+    on held-out data (the demo records the test set) this is the test log predictive density."""
+    import numpy as np
+    from scipy.special import logsumexp
+
+    for name in loglik.data_vars:
+        values = loglik[name].values.astype(np.float64)
+        flat = values.reshape(-1, *values.shape[2:]).reshape(values.shape[0] * values.shape[1], -1)
+        lpd = logsumexp(flat, axis=0) - np.log(flat.shape[0])
+        print(f"\n=== log predictive density of the {flat.shape[1]} observations in log_likelihood/{name}: "
+              f"{lpd.sum():.2f} (mean {lpd.mean():.4f} per observation), Σ_i log mean over draws of p(y_i | θ); "
+              "for held-out data (the demo's are the test set) this is the test log predictive density")
+
+
+def _loo(idata) -> None:
+    import arviz as az
+    import numpy as np
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loo = az.loo(idata)
+        print(f"\n=== PSIS-LOO (valid when log_likelihood holds the training data): elpd_loo "
+              f"{float(loo['elpd_loo']):.2f} (se {float(loo['se']):.2f}), p_loo {float(loo['p_loo']):.2f}, "
+              f"{int((np.asarray(loo['pareto_k']) > 0.7).sum())} of {np.asarray(loo['pareto_k']).size} "
+              "Pareto k above 0.7")
+        if caught:
+            first = str(caught[0].message).split(". ")[0]
+            print(f"({len(caught)} warning(s) from az.loo: {first})")
+    except Exception as exc:
+        print(f"\n(az.loo failed: {type(exc).__name__}: {exc})")
+
+
+def build_parser(with_demo_options: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``with_demo_options=False`` leaves out the demo's options, whose definitions import the demo
+    module (and torch): `main` asks for them only when the command is ``demo``."""
     parser = argparse.ArgumentParser(
         prog="vr-mcmc",
         description="Variance-reduced SG-MCMC for PyTorch networks: per-example gradients, samplers, diagnostics.",
     )
     parser.add_argument("--version", action="version", version=f"vr-mcmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .demo import add_arguments
-
     demo = sub.add_parser("demo", help="SG samplers on a Bayesian MLP against an HMC reference: where VR pays",
                           description=_demo.__doc__)
-    add_arguments(demo)
+    if with_demo_options:
+        from .demo import add_arguments
+
+        add_arguments(demo)
     demo.set_defaults(func=_demo)
 
     summary = sub.add_parser("summary", help="diagnostics of a saved run (netCDF)", description=_summary.__doc__)
@@ -244,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "or only the scalars when there are more than --max-quantities)")
     summary.add_argument("--max-quantities", type=int, default=40,
                          help="summarize every quantity up to this many (default 40)")
+    summary.add_argument("--loo", action="store_true", help="PSIS-LOO of the log_likelihood group: only when it "
+                         "holds the training data's pointwise log-likelihood (the demo's is the test set)")
     summary.set_defaults(func=_summary)
 
     check = sub.add_parser("check", help="check per-example gradients against a loop of single-example backwards",
@@ -267,8 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(with_demo_options=_command(argv) == "demo")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -5,7 +5,9 @@ a fresh model from ``model_fn()`` and its sampler from ``sampler_fn(model)``; ``
 for MALA/HMC), then ``num_samples`` steps keeping every ``thin``-th (``num_samples // thin`` draws,
 as NumPyro and Stan thin). Minibatch samplers get
 uniform batches of indices (a fresh seeded permutation each epoch); closure samplers (ULA, MALA,
-HMC) a full-data closure.
+HMC) a full-data closure; a sampler with a partitioned gradient table (``block_size=k``) unions of whole blocks of
+its table's partition (`stream.BlockStream`). ``sample_stats`` gets ``data_passes`` (per-example gradients since the
+start over N, warmup included) unless the sampler reports its own.
 
 With ``checkpoint=DIR`` draws go to disk as they are made (a small netCDF file per block of
 ``checkpoint_every`` draws, so memory holds one block; at the end they are merged into

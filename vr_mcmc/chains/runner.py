@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -15,9 +16,9 @@ import torch
 from ..recorder import Recorder
 from .blocks import ChainBlocks, verify_blocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
-from .stream import IndexStream, as_data, chain_seeds
+from .stream import as_data, chain_seeds, index_stream
 
-__all__ = ["ChainRunner", "run_chain"]
+__all__ = ["ChainRunner", "LineProgress", "run_chain"]
 
 KINDS = ("warmup", "draws")
 
@@ -51,11 +52,12 @@ class ChainRunner:
         self.model, self.sampler = build(spec, chain)
         self.recorder = Recorder(spec["record"], spec["log_likelihood"])
         self.num_data, self.fetch = as_data(spec["data"])
-        self.stream = IndexStream(self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        self.stream = index_stream(self.sampler, self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
         self.closure_sampler = is_closure_sampler(self.sampler)
         self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
         self.total = self.num_warmup + spec["num_samples"]
         self.step, self.blocks, self.elapsed = 0, {"warmup": 0, "draws": 0}, 0.0
+        self.grad_evals = 0.0  # per-example gradients computed so far, warmup included (-> data_passes)
         self.index: dict[str, list[dict[str, Any]]] = {"warmup": [], "draws": []}  # the blocks written, checksummed
         self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
         self.full_batch: tuple | None = None
@@ -72,6 +74,7 @@ class ChainRunner:
             torch.set_rng_state(state["torch_rng"])
             self.stream.load_state_dict(state["stream"])
             self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
+            self.grad_evals = state.get("grad_evals", 0.0)
             self.index = state["index"]
             verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
@@ -93,7 +96,7 @@ class ChainRunner:
             needed = max(2 * size, 4 * sum(p.numel() * p.element_size() for p in self.model.parameters())) + 2**16
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "stream": self.stream.state_dict(), "index": self.index,
+                         "stream": self.stream.state_dict(), "index": self.index, "grad_evals": self.grad_evals,
                          "elapsed": self.elapsed + time.perf_counter() - self.start_time},
                         self.ckpt_path, needed)
 
@@ -124,14 +127,15 @@ class ChainRunner:
         sampler = self.sampler
         if self.closure_sampler:
             sampler.step(self.full_closure)
-            return
-        idx = self.stream.next()
-        closure = self.batch_closure(self.fetch(idx))
-        if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
-            sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
         else:
-            loss = closure()
-            sampler.step(indices=idx, loss=loss.detach())
+            idx = self.stream.next()
+            closure = self.batch_closure(self.fetch(idx))
+            if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
+                sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
+            else:
+                loss = closure()
+                sampler.step(indices=idx, loss=loss)  # attached: the sampler checks its reduction once
+        self.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
 
     def keep(self) -> None:
         """Buffers the draw at ``self.step`` if it is kept (thinning; warmup with ``save_warmup``)."""
@@ -140,7 +144,10 @@ class ChainRunner:
         kept = (step - (0 if in_warmup else num_warmup)) % self.thin == 0
         if kept and (not in_warmup or self.spec["save_warmup"]):
             kind = "warmup" if in_warmup else "draws"
-            for group, values in self.recorder.values(self.model, self.sampler).items():
+            draw = self.recorder.values(self.model, self.sampler)
+            # the driver counts data passes; a sampler that reports its own keeps them (no double count)
+            draw["sample_stats"].setdefault("data_passes", np.asarray(self.grad_evals / self.num_data))
+            for group, values in draw.items():
                 for name, value in values.items():
                     self.buffers[kind].setdefault(group, {}).setdefault(name, []).append(value)
 
@@ -196,16 +203,93 @@ def run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:
 
 def _postfix(stats: Mapping[str, float]) -> str:
     if "acceptance_rate" in stats:
-        return f"accept {stats['acceptance_rate']:.2f} step {stats.get('step_size', float('nan')):.3g}"
-    return f"step {stats.get('step_size', float('nan')):.3g}"
+        return f"accept {stats['acceptance_rate']:.2f}, step size {stats.get('step_size', float('nan')):.3g}"
+    return f"step size {stats.get('step_size', float('nan')):.3g}"
+
+
+MIN_BAR_COLUMNS = 40  # narrower terminals (or a zero-width one) get progress lines: a tqdm bar would wrap
+
+
+class LineProgress:
+    """Progress as plain lines on stderr, for a log file, a notebook, a batch job or a narrow terminal: one line
+    each time the chain passes another 10% of its steps or ``every_s`` seconds after the last line, whichever
+    comes first (at most one per ``min_gap_s``), and one at the end: steps done, the phase, steps per second,
+    the step size (and acceptance), the time left. The interface is the subset of tqdm's the runner uses."""
+
+    every_s = 10.0
+    min_gap_s = 1.0
+
+    def __init__(self, chain: int, total: int, done: int, stream: Any = None, clock: Any = time.perf_counter):
+        self.chain, self.total, self.n, self.start_n, self.clock = chain, total, done, done, clock
+        self.num_warmup, self.thin, self.written = 0, 1, done
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = self.last = clock()
+        self.next_tenth = done * 10 // max(total, 1) + 1
+        self.postfix = ""
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        tenth = self.n * 10 // max(self.total, 1)
+        if now - self.last >= self.min_gap_s and (tenth >= self.next_tenth or now - self.last >= self.every_s):
+            self.write(now)
+        if tenth >= self.next_tenth:
+            self.next_tenth = tenth + 1
+
+    def write(self, now: float) -> None:
+        self.last, self.written = now, self.n
+        elapsed = now - self.start
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else float("nan")
+        left = (self.total - self.n) / rate if rate > 0 else float("nan")
+        draws = max(self.n - self.num_warmup, 0) // self.thin
+        phase = "warmup" if self.n <= self.num_warmup else f"{draws} draws"
+        eta = "done" if self.n >= self.total else f"ETA {_duration(left)}"
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"chain {self.chain}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%, {phase}), "
+              f"{rate:.1f} steps/s{extra}, {eta}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n > self.written:
+            self.write(self.clock())
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, AttributeError, ValueError):
+        return 0
 
 
 def _progress(spec: dict[str, Any], chain: int, total: int, done: int) -> Any:
-    if not spec["progress"] or not sys.stderr.isatty():
+    """A tqdm bar on a terminal at least `MIN_BAR_COLUMNS` wide; `LineProgress` lines otherwise (or without tqdm);
+    None with ``progress=False``."""
+    if not spec["progress"]:
         return None
+    line = LineProgress(chain, total, done)
+    line.num_warmup, line.thin = spec["num_warmup"], spec["thin"]
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty or _terminal_columns() < MIN_BAR_COLUMNS:
+        return line
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar without it
-        return None
+    except ImportError:  # tqdm is optional: lines without it
+        return line
     return tqdm(total=total, initial=done, desc=f"chain {chain}", position=chain if spec["parallel"] else 0,
                 leave=True, dynamic_ncols=True)

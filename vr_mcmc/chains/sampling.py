@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -21,7 +22,13 @@ from .preflight import preflight
 from .runner import run_chain
 from .stream import as_data
 
-__all__ = ["sample"]
+__all__ = ["SMALL_MODEL", "sample"]
+
+# Models with fewer parameters than this run sequential chains on one torch thread by default (num_threads=None):
+# per-step work is too small to split, and a second thread only waits for a core. Measured on a 2-core CPU
+# shared with other jobs (`python benchmarks/threads.py`, SAGA-LD): MLP 64-32-10, B=32: 2.5 ms a step on one
+# thread, 11.4 ms on two; MLP 784-512-512-10 (670k parameters), B=128: 35 ms vs 287 ms.
+SMALL_MODEL = 1_000_000
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -50,6 +57,7 @@ def sample(
     checkpoint_every: int = 100,
     progress: bool = True,
     save_warmup: bool = False,
+    num_threads: int | None = None,
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
@@ -64,6 +72,10 @@ def sample(
     each chain in its own process (spawn; one torch thread each; the functions must be picklable,
     i.e. defined at module level) and gives the draws of ``"sequential"``. ``checkpoint``: a
     directory for the draws and the resumable state, saved every ``checkpoint_every`` draws.
+    ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
+    None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
+    step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
+    ``chain_method="parallel"``.
 
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
@@ -78,6 +90,8 @@ def sample(
     _check_int("batch_size", batch_size, 1)
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("seed", seed, 0)
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
     if chain_method not in ("sequential", "parallel"):
         raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
     if chain_method == "parallel":
@@ -99,9 +113,11 @@ def sample(
                 num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
                 log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
-                parallel=chain_method == "parallel", threads=1 if chain_method == "parallel" else None)
+                parallel=chain_method == "parallel", threads=num_threads)
     try:
         fingerprint = preflight(spec, num_data, observed)
+        if spec["threads"] is None:
+            spec["threads"] = default_threads(fingerprint, spec["parallel"])
         content, finished = prepare_directory(directory, manifest(spec, fingerprint)) if persistent else ({}, False)
         if not finished:
             start = time.perf_counter()
@@ -136,11 +152,22 @@ def _finish(directory: Path, content: dict[str, Any], summaries: list[dict[str, 
             ChainBlocks(directory, chain, warmup).drop_from(0)
 
 
+def default_threads(fingerprint: Mapping[str, Any], parallel: bool) -> int | None:
+    """num_threads=None: one thread per worker process, or for a model under `SMALL_MODEL` parameters; else
+    None (torch's own setting)."""
+    size = sum(math.prod(shape[:-1]) for name, shape in fingerprint["model"].items() if name.startswith("param:"))
+    return 1 if parallel or size < SMALL_MODEL else None
+
+
 def _run_chains(spec: dict[str, Any]) -> list[dict[str, Any]]:
     if spec["parallel"]:
         return run_parallel(spec)
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
-        return [run_chain(spec, c) for c in range(spec["num_chains"])]
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            return [run_chain(spec, c) for c in range(spec["num_chains"])]
+    finally:
+        torch.set_num_threads(threads)  # run_chain sets spec["threads"]: the caller's setting comes back
 
 
 def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[str, np.ndarray],

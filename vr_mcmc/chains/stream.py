@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["IndexStream", "as_data", "chain_seeds"]
+__all__ = ["BlockStream", "IndexStream", "as_data", "chain_seeds", "index_stream"]
 
 
 def chain_seeds(seed: int, chain: int) -> tuple[int, int]:
@@ -47,6 +47,59 @@ class IndexStream:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s block order: a SeedSequence word of (seed, epoch), so that it shares no
+    stream with the partition's own ``torch.manual_seed(table seed)`` (a plain ``seed + epoch`` would give
+    chain 0 of seed 0 the partition's permutation as its first order)."""
+    import numpy as np
+
+    words = np.random.SeedSequence([seed, 0x8B10C4], spawn_key=(epoch,)).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+class BlockStream:
+    """Partition sampling (`vr_mcmc.data.BlockSampler` semantics): batches are unions of
+    ``blocks_per_batch`` whole blocks of ``partition`` (a `vr_mcmc.data.Partition`, e.g. the partitioned
+    gradient table's own), each block once per epoch in a fresh seeded order; resumable as `IndexStream`.
+    The order's seeds come from ``seed`` (the chain's stream seed) through `_order_seed`, not from the
+    partition's seed."""
+
+    def __init__(self, partition: Any, blocks_per_batch: int, seed: int):
+        self.partition, self.seed = partition, seed
+        self.blocks_per_batch = max(1, min(blocks_per_batch, partition.num_blocks))
+        self.epoch, self.position = 0, 0
+        self._order: torch.Tensor | None = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(_order_seed(self.seed, self.epoch))
+            self._order = torch.randperm(self.partition.num_blocks, generator=gen)
+        return self._order
+
+    def next(self) -> torch.Tensor:
+        if self.position >= self.partition.num_blocks:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        chosen = self._permutation()[self.position : self.position + self.blocks_per_batch]
+        self.position += chosen.numel()
+        return torch.cat([self.partition.blocks[j] for j in chosen.tolist()])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def index_stream(sampler: Any, num_data: int, batch_size: int, seed: int) -> IndexStream | BlockStream:
+    """The batch stream a sampler needs: block batches (``batch_size // block_size`` blocks, at least one) when
+    its gradient table is partitioned (``block_size=k``), uniform batches otherwise."""
+    table = getattr(getattr(sampler, "estimator", None), "table", None)
+    partition = getattr(table, "partition", None)
+    if partition is not None:
+        return BlockStream(partition, batch_size // partition.block_size, seed)
+    return IndexStream(num_data, batch_size, seed)
 
 
 def as_data(data: Any) -> tuple[int, Callable[[torch.Tensor], tuple]]:

@@ -105,8 +105,39 @@ class SAGA(Estimator):
                 stacklevel=4,
             )
 
+    def check_grad_is_the_batchs(self) -> None:
+        """Refuses a ``.grad`` that is not this batch's gradient: SAGA writes its estimate into ``.grad``, so a
+        forgotten ``zero_grad()`` adds the last estimate (N/B times a gradient) to the next batch's gradient and
+        the chain blows up within ~100 steps. Compared with the gradient the engine's hooks saw in this batch's
+        backward, on up to 64 evenly spaced entries per parameter (one host sync for all)."""
+        seen = self.engine.batch_gradients()
+        gaps, scales = [], []
+        for name, p in self.covered:
+            mine = seen.get(name)
+            if mine is None or p.grad is None or mine.is_sparse or p.grad.is_sparse or p.grad.numel() == 0:
+                continue
+            g, c = p.grad.reshape(-1), mine.reshape(-1)
+            stride = max(1, g.numel() // 64)
+            g, c = g[::stride], c[::stride].to(g.dtype)
+            gaps.append((g - c).abs().max())
+            scales.append(g.abs().max() + c.abs().max())
+        if not gaps:
+            return
+        gap, scale = torch.stack(gaps), torch.stack(scales)
+        bad = (gap > 1e-3 * scale) & gap.isfinite()
+        if bool(bad.any()):
+            raise ValueError(
+                f"{type(self).__name__}: .grad does not hold this batch's gradient (it differs from the gradient "
+                "of the backward pass the per-example engine saw). Call sampler.zero_grad() (or model.zero_grad()) "
+                "before each loss.backward(): the sampler writes its estimate into .grad, so without zero_grad() "
+                "the next backward adds to it and the chain diverges. Changing .grad between backward() and "
+                "step() (clipping, scaling) is not supported either: the estimator uses the engine's per-example "
+                "gradients of the same loss."
+            )
+
     def estimate(self, indices, closure):
         b = int(indices.numel())
+        self.check_grad_is_the_batchs()
         reps = self.engine.collect()
         old = self.table.sum_rows(indices)
         if self._row_scale_is_one:

@@ -236,6 +236,11 @@ class PerExampleGradients:
         # Two backward passes through one retained graph add up, as .grad does.
         call.grads[k] = grad if call.grads[k] is None else call.grads[k] + grad
 
+    def batch_gradients(self) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient from the backward passes of the current batch, as the hooks saw it (what
+        ``.grad`` holds when it was zeroed before the batch); names as in `collect`."""
+        return dict(self._param_grads)
+
     def _store_param_grad(self, name: str, grad: torch.Tensor) -> None:
         self._grads_arrived = True
         previous = self._param_grads.get(name)
