@@ -88,7 +88,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    """The gradient-table memory of each strategy for an architecture and data size (DESIGN.md §4)."""
+    """The gradient-table memory of each strategy for an architecture and data size (the README's "Gradient
+    tables" section explains the strategies)."""
     import torch
 
     from .models import ARCHITECTURES
