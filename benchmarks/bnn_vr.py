@@ -248,6 +248,17 @@ def plot(all_scores: dict, summaries: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _rounded(obj, digits: int = 5):
+    """The report with floats to ``digits`` significant digits (a smaller file, no figure changes)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
@@ -300,7 +311,7 @@ def main(argv=None) -> int:
                                                    for k, v in s.items()} for (m, lr), s in scores.items()}}
     if all_scores:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "bnn_vr.json").write_text(json.dumps(report, indent=1, default=float))
+        (RESULTS / "bnn_vr.json").write_text(json.dumps(_rounded(report), default=float))
         plot(all_scores, summaries, RESULTS / "bnn_vr.png")
         print(f"\nwritten {RESULTS / 'bnn_vr.json'} and {RESULTS / 'bnn_vr.png'}")
     return 0
