@@ -39,11 +39,8 @@ def tree_digest(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits (and slows a loaded machine a lot)
+def _one_thread(one_thread):  # conftest.py
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent),
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest.py
     yield
-    torch.set_num_threads(threads)
 
 
 # -- 10. seeds -------------------------------------------------------------------------------------

@@ -74,11 +74,8 @@ def sample_chains(post: refposteriors.RefPosterior, run: str, seed: int = 0) -> 
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the densities are tiny: threads only add overhead
+def _one_thread(one_thread):  # conftest.py
     yield
-    torch.set_num_threads(threads)
 
 
 def check(post: refposteriors.RefPosterior, draws: np.ndarray) -> list[str]:

@@ -18,11 +18,8 @@ BLOCK = 10
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest.py
     yield
-    torch.set_num_threads(threads)
 
 
 def partitioned_sagald(model: torch.nn.Module) -> torch.optim.Optimizer:
