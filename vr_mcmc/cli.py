@@ -19,9 +19,10 @@ from . import __version__
 
 def _demo(args: argparse.Namespace) -> int:
     """Samples a Bayesian MLP on scikit-learn's digits with SGLD, SAGA-LD, SVRG-LD and SGLD-CV (3 chains each,
-    through vr_mcmc.sample) where variance reduction pays (a cold posterior) and where it does not (T = 1), scores
-    each against the shipped HMC reference predictive (total variation, agreement) with each method's noise_ratio;
-    prints the tables and ArviZ summaries, writes netCDF results, a plot and the report to --out."""
+    through vr_mcmc.sample) in a cold posterior (variance reduction's best case measured) and at T = 1, scores
+    each against the shipped HMC reference predictive (total variation, agreement) with each method's noise_ratio,
+    and says whether variance reduction paid (on this network it does not); prints the tables and ArviZ summaries,
+    writes netCDF results, a plot and the report to --out."""
     from . import demo
 
     return demo.main(args)
@@ -282,7 +283,7 @@ def build_parser(with_demo_options: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vr-mcmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="SG samplers on a Bayesian MLP against an HMC reference: where VR pays",
+    demo = sub.add_parser("demo", help="SG samplers on a Bayesian MLP against an HMC reference: does VR pay?",
                           description=_demo.__doc__)
     if with_demo_options:
         from .demo import add_arguments
@@ -291,7 +292,7 @@ def build_parser(with_demo_options: bool = True) -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     summary = sub.add_parser("summary", help="diagnostics of a saved run (netCDF)", description=_summary.__doc__)
-    summary.add_argument("file", help="a netCDF file, e.g. vr_mcmc_demo/sgld.nc or CHECKPOINT_DIR/results.nc")
+    summary.add_argument("file", help="a netCDF file, e.g. vr_mcmc_demo/cold_sgld.nc or CHECKPOINT_DIR/results.nc")
     summary.add_argument("--var", nargs="+", default=None, help="posterior variables to summarize (default: all, "
                          "or only the scalars when there are more than --max-quantities)")
     summary.add_argument("--max-quantities", type=int, default=40,
