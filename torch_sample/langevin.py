@@ -121,6 +121,7 @@ class LangevinSampler(Optimizer):
         generator: torch.Generator | None = None,
         max_divergences: int = 20,
         schedule: Any = None,
+        extra_defaults: dict[str, Any] | None = None,
     ):
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a torch_sample.schedules schedule (e.g. Cyclical), got {schedule!r}")
@@ -136,7 +137,8 @@ class LangevinSampler(Optimizer):
         self.num_data = num_data
         self.loss_reduction = loss_reduction
         self.generator = generator
-        defaults = dict(lr=lr, prior=prior, temperature=temperature, momentum=momentum, nesterov=nesterov)
+        defaults = dict(lr=lr, prior=prior, temperature=temperature, momentum=momentum, nesterov=nesterov,
+                        **(extra_defaults or {}))
         super().__init__(params, defaults)
         self.estimator = estimator if estimator is not None else Minibatch()
         if engine is not None:  # the table's source for SAGA; for the others, the noise_ratio diagnostic
@@ -171,6 +173,15 @@ class LangevinSampler(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "estimator"):  # a group added after construction
             self.estimator.bind(self._trainable(), self.num_data, self.loss_reduction)
+
+    def _noise_var_of(self, p: torch.Tensor) -> float:
+        """The estimator's latest per-coordinate variance of its noise for parameter ``p`` (NaN if unknown)."""
+        nv = self._last_noise_var
+        if nv is None:
+            return math.nan
+        index = {id(q): k for k, q in enumerate(self._trainable())}
+        k = index.get(id(p))
+        return math.nan if k is None or k >= len(nv) else float(nv[k]) / p.numel()
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
