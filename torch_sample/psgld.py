@@ -33,6 +33,8 @@ class PSGLD(LangevinSampler):
     `freeze_preconditioner` (e.g. after warmup) stops V's updates: then Γ = 0 and the chain is an exact
     preconditioned SGLD, which is what to use for sampling (the freeze is saved in ``state_dict``).
 
+    Where ∇Ũ is ~0 at the first step (exact or variance-reduced gradients started at a mode), V = 0 and
+    G = 1/ε: the first steps then jump far. Start away from the mode, or raise ``eps`` to the scale of |∇Ũ|.
     ``alpha`` (0 ≤ α < 1, default 0.99) and ``eps`` (> 0, default 1e-5) as torch.optim.RMSprop's.
     ``estimator=``/``schedule=``/``temperature`` as for SGLD (SVRG-pSGLD: ``estimator=SVRG(...)``).
     ``stats`` adds ``preconditioner``: the mean of G over all coordinates. ``noise_ratio`` =
