@@ -120,7 +120,11 @@ class LangevinSampler(Optimizer):
         engine: Any = None,
         generator: torch.Generator | None = None,
         max_divergences: int = 20,
+        schedule: Any = None,
+        extra_defaults: dict[str, Any] | None = None,
     ):
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be a torch_sample.schedules schedule (e.g. Cyclical), got {schedule!r}")
         if isinstance(max_divergences, bool) or not isinstance(max_divergences, int) or max_divergences < 1:
             raise ValueError(f"max_divergences must be an integer >= 1, got {max_divergences!r}")
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
@@ -133,7 +137,8 @@ class LangevinSampler(Optimizer):
         self.num_data = num_data
         self.loss_reduction = loss_reduction
         self.generator = generator
-        defaults = dict(lr=lr, prior=prior, temperature=temperature, momentum=momentum, nesterov=nesterov)
+        defaults = dict(lr=lr, prior=prior, temperature=temperature, momentum=momentum, nesterov=nesterov,
+                        **(extra_defaults or {}))
         super().__init__(params, defaults)
         self.estimator = estimator if estimator is not None else Minibatch()
         if engine is not None:  # the table's source for SAGA; for the others, the noise_ratio diagnostic
@@ -151,6 +156,8 @@ class LangevinSampler(Optimizer):
         self._grad_norm_first: float | None = None
         self._grad_norm_last = math.nan
         self._loss_checked = False
+        self._last_noise_var: torch.Tensor | None = None  # the estimator's latest noise_var (SGHMC's β estimate)
+        self.schedule = schedule
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
@@ -166,6 +173,15 @@ class LangevinSampler(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "estimator"):  # a group added after construction
             self.estimator.bind(self._trainable(), self.num_data, self.loss_reduction)
+
+    def _noise_var_of(self, p: torch.Tensor) -> float:
+        """The estimator's latest per-coordinate variance of its noise for parameter ``p`` (NaN if unknown)."""
+        nv = self._last_noise_var
+        if nv is None:
+            return math.nan
+        index = {id(q): k for k, q in enumerate(self._trainable())}
+        k = index.get(id(p))
+        return math.nan if k is None or k >= len(nv) else float(nv[k]) / p.numel()
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -205,10 +221,14 @@ class LangevinSampler(Optimizer):
         self.estimator.diagnose = bool(every) and self._steps % every == 0
         self._steps += 1
         info = self.estimator.estimate(idx, closure)
+        noise_var = info.pop("noise_var", None)
+        if noise_var is not None:
+            self._last_noise_var = noise_var
+        phase = self._schedule_phase()
         neg_log_prior = 0.0
         updates = []
         for group in self.param_groups:
-            params, grads, bufs = [], [], []
+            params, grads = [], []
             prior = group["prior"]
             for p in group["params"]:
                 if not p.requires_grad:
@@ -218,25 +238,25 @@ class LangevinSampler(Optimizer):
                     prior.add_grad_(p, g)
                     if loss is not None:
                         neg_log_prior -= float(prior.log_prob(p))
-                if group["momentum"]:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    bufs.append(state["momentum_buffer"])
-                else:
-                    bufs.append(None)
                 params.append(p)
                 grads.append(g)
-            updates.append((group, params, grads, bufs))
-        diverging = self.check_finite and not self._finite([g for _, _, grads, _ in updates for g in grads], loss)
+            updates.append((group, params, grads))
+        diverging = self.check_finite and not self._finite([g for _, _, grads in updates for g in grads], loss)
+        own_stats: dict[str, float] = {k: math.nan for k in self.extra_stats}
         if not diverging:
-            for group, params, grads, bufs in updates:
-                langevin_update(params, grads, bufs, lr=group["lr"], temperature=group["temperature"],
-                                momentum=group["momentum"], nesterov=group["nesterov"], generator=self.generator)
+            for group, params, grads in updates:
+                for key, value in self._update(params, grads, [self.state[p] for p in params],
+                                               self._effective(group, phase)).items():
+                    own_stats[key] = value if math.isnan(own_stats.get(key, math.nan)) else own_stats[key] + value
         evals = info.pop("grad_evals", None)
-        self.stats = {"step_size": float(self.param_groups[0]["lr"]),
+        first = self._effective(self.param_groups[0], phase)
+        self.stats = {"step_size": float(first["lr"]),
                       "grad_evals": float("nan") if evals is None else float(evals),
-                      "noise_ratio": self._noise_ratio(info.pop("noise_var", None))}
+                      "noise_ratio": self._noise_ratio(noise_var, phase)}
+        if phase is not None:
+            self.stats["temperature"] = float(first["temperature"])
+            self.stats["sampling_phase"] = float(phase[2])
+        self.stats.update(own_stats)
         if loss is not None:
             b = None if idx is None else idx.numel()
             nll = float(loss) * (self.num_data if self.loss_reduction == "mean" else self.num_data / (b or math.nan))
@@ -297,27 +317,72 @@ class LangevinSampler(Optimizer):
             f"or a step size too large (lr={self.param_groups[0]['lr']:.3g}: a norm that grew by orders of "
             "magnitude says so; divide lr by 10). Set max_divergences= to tolerate longer runs of them")
 
-    def _noise_ratio(self, noise_var: torch.Tensor | None) -> float:
-        """Σ_p h_p²·Var_p / Σ_p 2(1−μ_p)·h_p·T_p·n_p over the parameters with an estimate: the variance the
-        gradient estimate's noise adds to θ in one step over the variance of the injected noise
+    def _noise_ratio(self, noise_var: torch.Tensor | None, phase: tuple[float, float, bool] | None = None) -> float:
+        """Σ_p a_p·Var_p / Σ_p b_p over the parameters with an estimate, (a_p, b_p) from `_noise_terms`: the
+        variance the gradient estimate's noise adds in one step over the variance of the injected noise
         (``noise_var`` per trainable parameter, from the estimator). NaN where it cannot be estimated."""
         if noise_var is None:
             return math.nan
         num = den = 0.0
         k = 0
         for group in self.param_groups:
-            h, temp, mu = group["lr"], group["temperature"], group["momentum"]
+            eff = self._effective(group, phase)
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 var = float(noise_var[k])
                 k += 1
                 if math.isfinite(var):
-                    num += h * h * var
-                    den += 2.0 * (1.0 - mu) * h * temp * p.numel()
+                    a, b = self._noise_terms(eff, p)
+                    num += a * var
+                    den += b
         if den == 0.0:
             return math.inf if num > 0 else math.nan
         return num / den
+
+    # -- what a diffusion provides ------------------------------------------------------------------------
+
+    extra_stats: tuple[str, ...] = ()  # the diffusion's own entries of ``stats`` (NaN on a skipped step)
+
+    def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                group: dict[str, Any]) -> dict[str, float]:
+        """Moves ``params`` in place given ``grads`` = ∇Ũ (estimate + prior) for one param group; ``states`` are
+        the parameters' ``self.state`` entries and ``group`` the group's options with the schedule applied
+        (``lr``, ``temperature``). Returns the diffusion's own stats (summed over groups by the caller's
+        ``update``: return per-group values under distinct keys or aggregate yourself). Here: Langevin, with
+        torch.optim.SGD's heavy ball when ``momentum`` > 0 (see the module docstring)."""
+        if group["momentum"]:
+            for state, p in zip(states, params):
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [state["momentum_buffer"] for state in states]
+        else:
+            bufs = [None] * len(params)
+        langevin_update(params, grads, bufs, lr=group["lr"], temperature=group["temperature"],
+                        momentum=group["momentum"], nesterov=group["nesterov"], generator=self.generator)
+        return {}
+
+    def _noise_terms(self, group: dict[str, Any], p: torch.Tensor) -> tuple[float, float]:
+        """(a, b) for parameter ``p``: a·Var(v) is the variance (summed over p's coordinates) that the estimate's
+        noise Var(v) adds to the diffused variable in one step, b the injected noise's. Langevin: a = h²,
+        b = 2(1−μ)·h·T·n."""
+        h, temp, mu = group["lr"], group["temperature"], group["momentum"]
+        return h * h, 2.0 * (1.0 - mu) * h * temp * p.numel()
+
+    # -- schedules ----------------------------------------------------------------------------------------
+
+    def _schedule_phase(self) -> tuple[float, float, bool] | None:
+        """(step-size factor, temperature factor, sampling phase) of the schedule at this step (0-based: the
+        step about to be made), or None without a schedule."""
+        if self.schedule is None:
+            return None
+        return self.schedule(self._steps - 1)
+
+    @staticmethod
+    def _effective(group: dict[str, Any], phase: tuple[float, float, bool] | None) -> dict[str, Any]:
+        if phase is None:
+            return group
+        return {**group, "lr": group["lr"] * phase[0], "temperature": group["temperature"] * phase[1]}
 
     def initialize(self, loader: Iterable, loss_fn: Callable[..., torch.Tensor]) -> None:
         """Fill the estimator's table by one pass over ``loader`` (SAGA/SAG only)."""

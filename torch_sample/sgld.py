@@ -20,7 +20,8 @@ class SGLD(LangevinSampler):
 
     ``estimator=`` swaps the plain minibatch estimate for any `vr_mcmc.estimators` one (SAGALD,
     SVRGLD and SGLDCV are this class with theirs). ``temperature=0`` is SGD; ``momentum``/
-    ``nesterov`` as in torch.optim.SGD (momentum with T > 0 is SGHMC). See `LangevinSampler`.
+    ``nesterov`` as in torch.optim.SGD (momentum with T > 0 is SGHMC in Chen et al.'s eq. 15 form; `SGHMC` is
+    the dedicated class). ``schedule=``: e.g. `torch_sample.schedules.Cyclical` (cSGLD). See `LangevinSampler`.
 
     Example::
 
@@ -47,8 +48,9 @@ class SGLD(LangevinSampler):
         engine: Any = None,
         generator: torch.Generator | None = None,
         max_divergences: int = 20,
+        schedule: Any = None,
     ):
         super().__init__(params, lr, num_data, estimator, prior=prior, temperature=temperature, momentum=momentum,
                          nesterov=nesterov, loss_reduction=loss_reduction, engine=engine,
                          generator=generator,
-                         max_divergences=max_divergences)
+                         max_divergences=max_divergences, schedule=schedule)

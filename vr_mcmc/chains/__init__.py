@@ -3,7 +3,9 @@
 After NumPyro's ``MCMC``: per chain, ``torch.manual_seed(s)`` with s from `chain_seeds` (SeedSequence-style),
 a fresh model from ``model_fn()`` and its sampler from ``sampler_fn(model)``; ``num_warmup`` steps (with adaptation
 for MALA/HMC), then ``num_samples`` steps keeping every ``thin``-th (``num_samples // thin`` draws,
-as NumPyro and Stan thin). Minibatch samplers get
+as NumPyro and Stan thin; a sampler with a schedule that reports ``stats["sampling_phase"] == 0``, e.g.
+`torch_sample.schedules.Cyclical`'s exploration phase, makes no draw at that step, and a schedule's ``total_steps``
+must equal num_warmup + num_samples). Minibatch samplers get
 uniform batches of indices (a fresh seeded permutation each epoch); closure samplers (ULA, MALA,
 HMC) a full-data closure; a sampler with a partitioned gradient table (``block_size=k``) unions of whole blocks of
 its table's partition (`stream.BlockStream`). ``sample_stats`` gets ``data_passes`` (per-example gradients since the

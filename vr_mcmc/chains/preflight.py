@@ -25,6 +25,7 @@ def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.nda
     with torch.random.fork_rng(devices=[]):
         model, sampler = build(spec, 0)
         check_sampler(sampler, num_data)
+        check_schedule(sampler, spec["num_warmup"] + spec["num_samples"])
         architecture = _architecture(model)
         for chain in range(1, spec["num_chains"]):
             other = _architecture(build(spec, chain)[0])
@@ -51,6 +52,14 @@ def check_sampler(sampler: Any, num_data: int) -> None:
     if n != num_data:
         raise ValueError(f"{type(sampler).__name__} has num_data={n} but the data has {num_data} examples: "
                          f"loss_fn returns a batch mean, which the sampler scales by num_data; set num_data={num_data}")
+
+
+def check_schedule(sampler: Any, steps: int) -> None:
+    """A schedule with a length (torch_sample.schedules.Cyclical) must span the run: warmup and sampling steps."""
+    total = getattr(getattr(sampler, "schedule", None), "total_steps", None)
+    if total is not None and total != steps:
+        raise ValueError(f"the sampler's schedule {sampler.schedule!r} has total_steps={total} but the run makes "
+                         f"num_warmup + num_samples = {steps} steps: build it with total_steps={steps}")
 
 
 def check_recorded(recorder: Recorder, model: torch.nn.Module, sampler: Any,

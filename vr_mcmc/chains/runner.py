@@ -142,6 +142,8 @@ class ChainRunner:
         step, num_warmup = self.step, self.num_warmup
         in_warmup = step <= num_warmup
         kept = (step - (0 if in_warmup else num_warmup)) % self.thin == 0
+        # a schedule's exploration phase (torch_sample.schedules.Cyclical: T = 0) makes no draws
+        kept = kept and self.sampler.stats.get("sampling_phase", 1.0) != 0
         if kept and (not in_warmup or self.spec["save_warmup"]):
             kind = "warmup" if in_warmup else "draws"
             draw = self.recorder.values(self.model, self.sampler)
