@@ -2,7 +2,7 @@
 
 Stochastic-gradient Langevin samplers, each a `torch.optim.Optimizer`: `SGLD`, `SAGALD`,
 `SVRGLD`, `SGLDCV` (``temperature=0`` gives SGD, SAGA, SVRG); full-data samplers driven by a
-closure: `ULA`, `MALA`, `HMC`. Priors in `torch_sample.priors`.
+closure: `ULA`, `MALA`, `HMC`, `NUTS`. Priors in `torch_sample.priors`.
 """
 
 from . import priors
@@ -11,6 +11,7 @@ from .hmc import HMC, leapfrog
 from .langevin import DivergenceError, LangevinSampler, langevin_update
 from .mala import MALA
 from .metropolis import MetropolisSampler
+from .nuts import NUTS
 from .sagald import SAGALD
 from .sgld import SGLD
 from .sgldcv import SGLDCV
@@ -18,5 +19,5 @@ from .svrgld import SVRGLD
 from .target import log_density_closure
 from .ula import ULA
 
-__all__ = ["HMC", "MALA", "SAGALD", "SGLD", "SGLDCV", "SVRGLD", "ULA", "ClosureSampler", "DivergenceError",
+__all__ = ["HMC", "MALA", "NUTS", "SAGALD", "SGLD", "SGLDCV", "SVRGLD", "ULA", "ClosureSampler", "DivergenceError",
            "LangevinSampler", "MetropolisSampler", "langevin_update", "leapfrog", "log_density_closure", "priors"]
