@@ -37,6 +37,8 @@ RUNS = {
     "HMC-dense": ("HMC", 500, 1000, dict(num_leapfrog=10, jitter=0.2, dense_mass=True)),
     "MALA-diag": ("MALA", 1000, 4000, {}),
     "MALA-dense": ("MALA", 1000, 4000, dict(dense_mass=True)),
+    "NUTS-diag": ("NUTS", 500, 1000, {}),
+    "NUTS-dense": ("NUTS", 500, 1000, dict(dense_mass=True)),
 }
 
 
