@@ -1,5 +1,6 @@
 """NUTS: the tree building by hand and against an independent NumPy implementation, a long run on a correlated
-Gaussian, divergences on the centred eight schools funnel, bad input, and a run through `vr_mcmc.sample`."""
+Gaussian, divergences on the centred eight schools funnel (also through `vr_mcmc.sample` and `vr-mcmc summary`),
+bad input, a resumed state dict, and a run through `vr_mcmc.sample`."""
 
 from __future__ import annotations
 
@@ -365,3 +366,58 @@ def test_nuts_through_sample():
     for name in idata.posterior.data_vars:
         ours, theirs = idata.posterior[name].values, hmc.posterior[name].values
         np.testing.assert_allclose(ours.mean(axis=(0, 1)), theirs.mean(axis=(0, 1)), atol=0.25)
+
+
+def test_state_dict_resumes_the_same_chain():
+    """A NUTS sampler saved mid-warmup and loaded into a fresh one (new parameters, same options) continues with
+    exactly the draws of the uninterrupted chain: step size, dual averaging, Welford windows, metric, generator."""
+    def make(theta):
+        return torch_sample.NUTS([theta], lr=0.3, generator=torch.Generator().manual_seed(5))
+
+    cov = torch.tensor([[1.0, 0.5], [0.5, 2.0]], dtype=torch.float64)
+    a = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    sampler = make(a)
+    closure = gaussian(a, torch.linalg.inv(cov))
+    sampler.adapt(True, num_warmup=150)
+    for _ in range(60):
+        sampler.step(closure)
+    state = sampler.state_dict()
+    saved = a.detach().clone()
+    reference = []
+    for _ in range(30):
+        sampler.step(closure)
+        reference.append(a.detach().clone())
+
+    b = saved.clone().requires_grad_(True)
+    resumed = make(b)
+    resumed.load_state_dict(state)
+    closure_b = gaussian(b, torch.linalg.inv(cov))
+    for expected in reference:
+        resumed.step(closure_b)
+        torch.testing.assert_close(b.detach(), expected, rtol=0, atol=0)
+    assert resumed.step_size == sampler.step_size
+
+
+class EightSchools(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.z = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
+
+
+def test_funnel_divergences_through_sample_and_summary(tmp_path, capsys):
+    """The centred eight schools through `vr_mcmc.sample` (2 chains): the run completes, ``diverging`` is in
+    ``sample_stats`` with some divergences, and `vr-mcmc summary` reports them."""
+    from vr_mcmc import cli
+
+    idata = vr_mcmc.sample(EightSchools, lambda m: torch_sample.NUTS(m.parameters(), lr=0.2, max_tree_depth=6),
+                           lambda m, batch: -centred_eight_schools(m.z), torch.zeros(1, 1), batch_size=1,
+                           num_chains=2, num_warmup=100, num_samples=150, seed=1, progress=False)
+    diverging = idata.sample_stats["diverging"].values
+    assert diverging.dtype == bool and diverging.sum() > 0
+    assert (idata.sample_stats["tree_depth"].values <= 6).all()
+    path = tmp_path / "funnel.nc"
+    idata.to_netcdf(str(path))
+    capsys.readouterr()
+    assert cli.main(["summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"divergences: {int(diverging.sum())} of {diverging.size} draws" in out
