@@ -209,7 +209,14 @@ def main(argv=None):
                         help="cap on L (a too short warmup can leave a tiny ε)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma-separated, from: {', '.join(SAMPLERS)}")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nuts", action="store_true",
+                        help="NUTS instead: ours against Pyro's and NumPyro's, each with its own adaptation "
+                             f"(samplers from: {', '.join(NUTS_SAMPLERS)}; default all)")
     args = parser.parse_args(argv)
+    if args.nuts and args.threads == 1:  # JAX on one CPU thread too, like torch (before jax is imported)
+        import os
+
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
     try:
         import pyro
@@ -220,13 +227,17 @@ def main(argv=None):
     names = [n.strip() for n in args.posteriors.split(",") if n.strip()]
     unknown = [n for n in names if n not in POSTERIORS]
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    if unknown or not set(samplers) <= set(SAMPLERS):
+    if args.nuts and args.samplers == ",".join(SAMPLERS):
+        samplers = list(NUTS_SAMPLERS)
+    if unknown or not set(samplers) <= set(NUTS_SAMPLERS if args.nuts else SAMPLERS):
         sys.exit(f"unknown posterior(s) {unknown} or sampler(s) {sorted(set(samplers) - set(SAMPLERS))}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} thread(s); "
           f"{args.chains} chains x {args.draws} draws per sampler; seed {args.seed}", flush=True)
 
+    if args.nuts:
+        return nuts_main(args, names, samplers)
     rows = []
     for name in names:
         post = POSTERIORS[name]
@@ -311,6 +322,250 @@ def print_table(rows, samplers):
             per_g = [(x[k] / x["evals"]) / (y[k] / y["evals"]) for k in ("ess_min", "ess_med")]
             print(f"| {name} | {a} / {b} | {per_s[0]:.2f}x | {per_s[1]:.2f}x | {per_g[0]:.2f} | {per_g[1]:.2f} |")
     return
+
+
+# -- NUTS against Pyro's and NumPyro's (issue 18) ---------------------------------------------------------------------
+
+NUTS_SAMPLERS = ("ours", "ours compiled", "pyro", "numpyro")
+
+
+def jax_log_density(post, data):
+    """The posterior's log density in JAX (for NumPyro), the same math as ``tests/refposteriors.py``."""
+    import jax.numpy as jnp
+    from jax.nn import log_sigmoid, sigmoid
+
+    d = {k: np.asarray(v) for k, v in data.items()}
+    log_2pi = math.log(2 * math.pi)
+
+    def normal_lpdf(x, loc, scale):
+        return -0.5 * log_2pi - jnp.log(scale) - 0.5 * ((x - loc) / scale) ** 2
+
+    if post.name == "eight_schools-eight_schools_noncentered":
+        def log_density(theta):
+            z, mu, s = theta[:8], theta[8], theta[9]
+            tau = jnp.exp(s)
+            prior = (normal_lpdf(z, 0.0, 1.0).sum() + normal_lpdf(mu, 0.0, 5.0) - math.log(math.pi * 5.0)
+                     - jnp.log1p((tau / 5.0) ** 2))
+            return prior + normal_lpdf(d["y"], mu + tau * z, d["sigma"]).sum() + s
+    elif post.name == "earnings-logearn_interaction_z":  # flat priors
+        def log_density(theta):
+            beta, s = theta[:-1], theta[-1]
+            resid = d["y"] - d["X"] @ beta
+            n = resid.shape[0]
+            return -0.5 * n * log_2pi - n * s - 0.5 * jnp.exp(-2.0 * s) * (resid**2).sum() + s
+    elif post.name == "garch-garch11":
+        def log_density(theta):
+            mu, a0, a1, b1 = theta[0], theta[1], theta[2], theta[3]
+            alpha1 = sigmoid(a1)
+            log_1m_alpha1 = log_sigmoid(-a1)
+            beta1 = jnp.exp(log_1m_alpha1 + log_sigmoid(b1))
+            r = (d["y"] - mu) ** 2
+            c = jnp.concatenate([jnp.reshape(d["sigma1"] ** 2, (1,)), jnp.exp(a0) + alpha1 * r[:-1]])
+
+            def scan(v, ct):
+                v = ct + beta1 * v
+                return v, v
+
+            _, v = __import__("jax").lax.scan(scan, 0.0, c)
+            lik = (-0.5 * log_2pi - 0.5 * jnp.log(v) - 0.5 * r / v).sum()
+            return lik + a0 + log_sigmoid(a1) + 2.0 * log_1m_alpha1 + log_sigmoid(b1) + log_sigmoid(-b1)
+    else:
+        return None
+    return log_density
+
+
+def nuts_ours(closure, theta, start, warmup, draws, seed):
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        return closure()
+
+    with torch.no_grad():
+        theta.copy_(start)
+    sampler = torch_sample.NUTS([theta], lr=0.1, generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    sampler.adapt(True, num_warmup=warmup)
+    for _ in range(warmup):
+        sampler.step(counted)
+    sampler.adapt(False)
+    t1 = time.perf_counter()
+    calls_warmup = calls[0]
+    out = torch.empty(draws, theta.numel(), dtype=theta.dtype)
+    divergences, steps = 0, 0.0
+    for i in range(draws):
+        sampler.step(counted)
+        out[i] = theta.detach()
+        divergences += int(sampler.stats["diverging"])
+        steps += sampler.stats["n_steps"]
+    t2 = time.perf_counter()
+    return dict(draws=out, warmup_time=t1 - t0, time=t2 - t1, evals=calls[0] - calls_warmup, divergences=divergences,
+                step_size=sampler.step_size)
+
+
+def nuts_pyro(log_density, start, warmup, draws, seed):
+    import pyro
+    from pyro.infer import MCMC, NUTS
+
+    pyro.set_rng_seed(seed)
+    calls = [0]
+    mark = {}
+
+    def potential(z):
+        calls[0] += 1
+        return -log_density(z["theta"])
+
+    def hook(kernel, params, stage, i):
+        if stage == "Warmup" and i == warmup - 1:
+            mark.update(time=time.perf_counter(), calls=calls[0])
+
+    kernel = NUTS(potential_fn=potential, adapt_step_size=True, adapt_mass_matrix=True, full_mass=False,
+                  target_accept_prob=0.8, max_tree_depth=10)
+    mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, initial_params={"theta": start.clone()},
+                disable_progbar=True, hook_fn=hook)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mcmc.run()
+    t2 = time.perf_counter()
+    out = mcmc.get_samples()["theta"].detach().reshape(draws, -1)
+    divergences = len(mcmc.diagnostics()["divergences"]["chain 0"])
+    return dict(draws=out, warmup_time=mark["time"] - t0, time=t2 - mark["time"], evals=calls[0] - mark["calls"],
+                divergences=divergences, step_size=float(kernel.step_size))
+
+
+class NumPyroRunner:
+    """NumPyro's NUTS kernel (``numpyro.infer.hmc.hmc(algo="NUTS")``, the kernel its ``MCMC`` runs) in two jitted
+    ``lax.scan`` loops, warmup and sampling, compiled once per posterior and reused by every chain (``MCMC``
+    re-traces its loop on every ``run``/``warmup`` call, which would put seconds of compilation into each chain)."""
+
+    def __init__(self, log_density, warmup, draws):
+        import jax
+        from numpyro.infer.hmc import hmc
+
+        self.warmup = warmup
+        self.init_kernel, sample_kernel = hmc(potential_fn=lambda th: -log_density(th), algo="NUTS")
+
+        def loop(state, length):
+            def body(s, _):
+                s = sample_kernel(s)
+                return s, (s.z, s.num_steps, s.diverging)
+
+            return jax.lax.scan(body, state, None, length=length)
+
+        self.warmup_loop = jax.jit(lambda state: loop(state, warmup)[0])
+        self.sample_loop = jax.jit(lambda state: loop(state, draws))
+
+    def run(self, start, seed):
+        import jax
+
+        key = jax.random.PRNGKey(seed)
+        t0 = time.perf_counter()
+        state = self.init_kernel(jax.numpy.asarray(start.numpy()), self.warmup, adapt_step_size=True,
+                                 adapt_mass_matrix=True, dense_mass=False, target_accept_prob=0.8, max_tree_depth=10,
+                                 rng_key=key)
+        state = jax.block_until_ready(self.warmup_loop(state))
+        t1 = time.perf_counter()
+        state, (z, num_steps, diverging) = jax.block_until_ready(self.sample_loop(state))
+        t2 = time.perf_counter()
+        return dict(draws=torch.tensor(np.array(z)), warmup_time=t1 - t0, time=t2 - t1,
+                    evals=int(np.asarray(num_steps).sum()), divergences=int(np.asarray(diverging).sum()),
+                    step_size=float(state.adapt_state.step_size))
+
+
+def nuts_main(args, names, samplers):
+    """Every sampler adapts on its own (``--warmup`` steps: dual averaging to 0.8, a windowed diagonal metric,
+    max tree depth 10) and then draws ``--draws`` per chain from the same starts; the chains run interleaved."""
+    import arviz as az
+
+    if "numpyro" in samplers:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import numpyro
+
+        print(f"numpyro {numpyro.__version__}, jax {jax.__version__} ({jax.devices()[0].platform})", flush=True)
+    rows = []
+    for name in names:
+        post = POSTERIORS[name]
+        log_density = log_density_of(post)
+        gen = torch.Generator().manual_seed(args.seed)
+        ref_theta = post.reference_unconstrained()
+        pick = torch.randint(ref_theta.shape[1], (args.chains + 1,), generator=gen)
+        starts = [ref_theta[c % ref_theta.shape[0], pick[c]].clone() for c in range(args.chains + 1)]
+        theta = starts[0].clone().requires_grad_(True)
+        closures = {"ours": torch_sample.log_density_closure(log_density, theta)}
+        compile_s = {}
+        if "ours compiled" in samplers:
+            t0 = time.perf_counter()
+            closures["ours compiled"] = torch_sample.log_density_closure(log_density, theta, compile=True)
+            theta.grad = None
+            closures["ours compiled"]()  # compiles
+            theta.grad = None
+            compile_s["ours compiled"] = time.perf_counter() - t0
+        numpyro_runner = None
+        if "numpyro" in samplers:
+            jax_ld = jax_log_density(post, post.data())
+            if jax_ld is None:
+                print(f"  note: no JAX log density for {name}: numpyro skipped")
+            else:
+                for s in starts:  # the same density, checked at the starts
+                    lp_j = float(jax_ld(jax.numpy.asarray(s.numpy())))
+                    assert abs(lp_j - float(log_density(s))) < 1e-8 * max(1.0, abs(lp_j)), (lp_j, log_density(s))
+                numpyro_runner = NumPyroRunner(jax_ld, args.warmup, args.draws)
+                t0 = time.perf_counter()
+                numpyro_runner.run(starts[-1], args.seed + 999)  # compiles warmup and sampling (not counted below)
+                compile_s["numpyro"] = time.perf_counter() - t0
+        active = [s for s in samplers if s != "numpyro" or numpyro_runner is not None]
+        results = {s: [] for s in active}
+        for c in range(args.chains):
+            seed = args.seed * 1000 + c
+            for s in active:
+                if s.startswith("ours"):
+                    results[s].append(nuts_ours(closures[s], theta, starts[c], args.warmup, args.draws, seed))
+                elif s == "pyro":
+                    results[s].append(nuts_pyro(log_density, starts[c], args.warmup, args.draws, seed))
+                else:
+                    results[s].append(numpyro_runner.run(starts[c], seed))
+        print(f"\n{name} (dim {post.dim})", flush=True)
+        for s in active:
+            rs = results[s]
+            params = post.to_params(torch.stack([r["draws"].to(torch.float64) for r in rs]))
+            ref = post.reference()
+            ess = np.array([float(az.ess(params[p].numpy(), method="bulk")) for p in post.param_names])
+            err = max(abs(params[p].numpy().mean() - ref[p].mean()) / ref[p].std() for p in post.param_names)
+            row = dict(posterior=name, sampler=s, ess_min=ess.min(), ess_med=float(np.median(ess)),
+                       time=sum(r["time"] for r in rs), warmup_time=sum(r["warmup_time"] for r in rs),
+                       evals=sum(r["evals"] for r in rs), divergences=sum(r["divergences"] for r in rs),
+                       step_size=float(np.mean([r["step_size"] for r in rs])), err=err,
+                       compile=compile_s.get(s, 0.0))
+            rows.append(row)
+            print(f"  {s:<14} ESS min {row['ess_min']:7.0f}  median {row['ess_med']:7.0f}  "
+                  f"sampling {row['time']:7.2f} s"
+                  f"  warmup {row['warmup_time']:7.2f} s  grad evals {row['evals']}  divergences {row['divergences']}",
+                  flush=True)
+    print("\n| posterior | sampler | mean ε | leapfrogs/draw | divergences | ESS min | ESS median "
+          "| sampling (s) | warmup (s) | compile (s) | ESS/s (min) | ESS/s (median) "
+          "| ESS (min) per 1000 grad evals | max\\|Δmean\\|/sd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        per_draw = r["evals"] / (args.chains * args.draws)
+        print(f"| {r['posterior']} | {r['sampler']} | {r['step_size']:.3g} | {per_draw:.1f} | {r['divergences']} "
+              f"| {r['ess_min']:.0f} | {r['ess_med']:.0f} | {r['time']:.2f} | {r['warmup_time']:.2f} "
+              f"| {r['compile']:.1f} | {r['ess_min'] / r['time']:.1f} | {r['ess_med'] / r['time']:.1f} "
+              f"| {1000 * r['ess_min'] / r['evals']:.1f} | {r['err']:.3f} |")
+    print("\n| posterior | ratio | ESS/s (min) | ESS/s (median) | ESS/grad (min) | ESS/grad (median) |")
+    print("|---|---|---|---|---|---|")
+    by = {(r["posterior"], r["sampler"]): r for r in rows}
+    for name in dict.fromkeys(r["posterior"] for r in rows):
+        for a in ("ours", "ours compiled"):
+            for b in ("pyro", "numpyro"):
+                if (name, a) not in by or (name, b) not in by:
+                    continue
+                x, y = by[(name, a)], by[(name, b)]
+                per_s = [(x[k] / x["time"]) / (y[k] / y["time"]) for k in ("ess_min", "ess_med")]
+                per_g = [(x[k] / x["evals"]) / (y[k] / y["evals"]) for k in ("ess_min", "ess_med")]
+                print(f"| {name} | {a} / {b} | {per_s[0]:.2f}x | {per_s[1]:.2f}x | {per_g[0]:.2f} | {per_g[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from .runner import build
 __all__ = ["SUPPORTED", "preflight"]
 
 SUPPORTED = ("SG samplers (torch_sample.LangevinSampler: SGLD, SAGALD, SVRGLD, SGLDCV) and closure samplers "
-             "(torch_sample.ClosureSampler: ULA, MALA, HMC)")
+             "(torch_sample.ClosureSampler: ULA, MALA, HMC, NUTS)")
 
 
 def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.ndarray]) -> dict[str, Any]:
