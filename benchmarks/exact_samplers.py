@@ -195,6 +195,15 @@ def summarize(post, chains_theta, starts):
     return np.array(ess), moved, max(err)
 
 
+def density_and_starts(post, args):
+    """The posterior's log density and chains + 1 starting points drawn from its reference draws (seeded): one
+    for the closures, one per chain."""
+    gen = torch.Generator().manual_seed(args.seed)
+    ref_theta = post.reference_unconstrained()
+    pick = torch.randint(ref_theta.shape[1], (args.chains + 1,), generator=gen)
+    return log_density_of(post), [ref_theta[c % ref_theta.shape[0], pick[c]].clone() for c in range(args.chains + 1)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chains", type=int, default=4)
@@ -241,11 +250,7 @@ def main(argv=None):
     rows = []
     for name in names:
         post = POSTERIORS[name]
-        log_density = log_density_of(post)
-        gen = torch.Generator().manual_seed(args.seed)
-        ref_theta = post.reference_unconstrained()
-        pick = torch.randint(ref_theta.shape[1], (args.chains + 1,), generator=gen)
-        starts = [ref_theta[c % ref_theta.shape[0], pick[c]].clone() for c in range(args.chains + 1)]
+        log_density, starts = density_and_starts(post, args)
         theta = starts[0].clone().requires_grad_(True)
         eager = torch_sample.log_density_closure(log_density, theta)
         closures = {"ours": eager}
@@ -488,11 +493,7 @@ def nuts_main(args, names, samplers):
     rows = []
     for name in names:
         post = POSTERIORS[name]
-        log_density = log_density_of(post)
-        gen = torch.Generator().manual_seed(args.seed)
-        ref_theta = post.reference_unconstrained()
-        pick = torch.randint(ref_theta.shape[1], (args.chains + 1,), generator=gen)
-        starts = [ref_theta[c % ref_theta.shape[0], pick[c]].clone() for c in range(args.chains + 1)]
+        log_density, starts = density_and_starts(post, args)
         theta = starts[0].clone().requires_grad_(True)
         closures = {"ours": torch_sample.log_density_closure(log_density, theta)}
         compile_s = {}
