@@ -198,3 +198,10 @@ def test_data_passes_are_counted_through_a_loader():
     """35 steps × 20 examples / 120."""
     idata = _sample(DataLoader(IndexedDataset(TensorDataset(X, Y)), batch_size=20, shuffle=True), num_chains=1)
     np.testing.assert_allclose(idata.sample_stats["data_passes"].values[0, -1], 35 * 20 / N)
+
+
+@pytest.mark.slow  # two spawned processes that import torch: 20 s on the shared 2-core machine
+def test_parallel_chains_through_a_loader_give_the_sequential_draws():
+    """The loader travels to each chain's process (pickled) and is taken over there as in the sequential run."""
+    loader = DataLoader(IndexedDataset(TensorDataset(X, Y)), batch_sampler=UniformIndexSampler(N, 20))
+    same_draws(_sample(loader), _sample(loader, chain_method="parallel"))

@@ -66,9 +66,11 @@ def is_iterable_data(data: Any) -> bool:
     map-style dataset (those go through `vr_mcmc.chains.stream.as_data`)."""
     if isinstance(data, DataLoader):
         return True
+    if isinstance(data, (tuple, list, torch.Tensor)):  # tensors (or a mistake that as_data names)
+        return False
     try:
         as_data(data)
-    except (TypeError, ValueError):
+    except TypeError:  # not tensors nor a dataset (a ValueError, tensors of different lengths, goes to the user)
         return hasattr(data, "__iter__")
     return False
 
