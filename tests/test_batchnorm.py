@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +162,51 @@ def test_freeze_keeps_the_statistics_it_holds_and_refuses_layers_without_them():
     bad = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
     with pytest.raises(ValueError, match=r"layer '1' .*track_running_stats=False.*replace_batchnorm"):
         freeze_batchnorm(bad)
+
+
+# -- through vr_mcmc.sample ------------------------------------------------------------------------------------
+
+IMAGES = torch.randn(40, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+LABELS = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(3))
+
+
+def _small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3))
+
+
+def _frozen_cnn() -> nn.Module:
+    return freeze_batchnorm(_small_cnn(), inputs=IMAGES.split(20))
+
+
+def _sagald(model: nn.Module):
+    import torch_sample
+
+    return torch_sample.SAGALD(model.parameters(), lr=1e-3, num_data=40, engine=PerExampleGradients(model),
+                               prior=torch_sample.priors.Normal(1.0))
+
+
+def _ce(model: nn.Module, batch: tuple) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_sampling_a_cnn_with_batchnorm_refused_replaced_or_frozen():
+    """SAGA-LD through vr_mcmc.sample: a training-mode BatchNorm fails the first step, naming both fixes; the
+    replaced model samples; the frozen one samples with its statistics unchanged in every draw (they are the
+    warm-up's, recomputed here by hand) while its BatchNorm weight moves."""
+    import vr_mcmc
+
+    options = dict(batch_size=10, num_chains=2, num_warmup=0, num_samples=8, progress=False, seed=1)
+    with pytest.raises(MixedExamplesError, match=r"replace_batchnorm.*freeze_batchnorm"):
+        vr_mcmc.sample(_small_cnn, _sagald, _ce, (IMAGES, LABELS), **options)
+    replaced = vr_mcmc.sample(lambda: replace_batchnorm(_small_cnn()), _sagald, _ce, (IMAGES, LABELS), **options)
+    assert np.isfinite(replaced.posterior["1.weight"].values).all()
+    record = {"mean": lambda m: m[1].running_mean.clone(), "w": lambda m: m[1].weight.detach().clone()}
+    frozen = vr_mcmc.sample(_frozen_cnn, _sagald, _ce, (IMAGES, LABELS), record=record, **options)
+    means = frozen.posterior["mean"].values  # [chain, draw, 4]
+    for c in range(2):
+        torch.manual_seed(vr_mcmc.chains.chain_seeds(1, c)[0])  # the chain's model, as the driver builds it
+        conv = _small_cnn()[0]
+        with torch.no_grad():
+            expected = torch.stack([conv(x).mean((0, 2, 3)) for x in IMAGES.split(20)]).mean(0)
+        np.testing.assert_allclose(means[c], np.broadcast_to(expected.numpy(), means[c].shape), rtol=1e-5, atol=1e-6)
+    assert (np.diff(frozen.posterior["w"].values, axis=1) != 0).any()
