@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import chain_job
 import numpy as np
 import pytest
 import torch
+from loader_job import Shifted
 from test_chains import same_draws
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import vr_mcmc
 from vr_mcmc.chains.loader import split_batch
@@ -73,14 +78,16 @@ def test_block_sampler_loader_gives_the_partitioned_tensor_paths_draws():
         _sample(other, partitioned_sagald)
 
 
-class Shifted(Dataset):
-    """(i, x_i + 0.3·ξ, y_i), ξ ~ N(0, I) from torch's RNG: an augmentation, random at each visit."""
+def test_augmented_batches_are_the_same_in_worker_processes_and_in_the_chains():
+    """Each batch of a loader of ours is loaded with the RNGs seeded from (chain, epoch, position): a random
+    augmentation gives the same draws with 2 workers as in the chain's own process, whose RNG it leaves alone."""
+    import loader_job
 
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int) -> tuple:
-        return i, X[i] + 0.3 * torch.randn(X.shape[1]), Y[i]
+    in_process = loader_job.run(None, 25, workers=0)
+    same_draws(in_process, loader_job.run(None, 25, workers=2))
+    plain = _sample(DataLoader(IndexedDataset(TensorDataset(X, Y)), batch_sampler=UniformIndexSampler(N, 20)),
+                    num_samples=25)
+    assert not np.array_equal(in_process.posterior["weight"].values, plain.posterior["weight"].values)
 
 
 class _RaiseAt:
@@ -96,13 +103,16 @@ class _RaiseAt:
         return chain_job.loss_fn(model, batch)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("sampler", ["ours", "replacement"])
-def test_resume_through_a_loader_is_exact(tmp_path, workers, sampler):
+@pytest.mark.parametrize("sampler, workers", [
+    ("ours", 0), ("ours", 2), ("replacement", 0),
+    # a fresh pair of workers each epoch of an iterable: 9 s on the shared 2-core machine
+    pytest.param("replacement", 2, marks=pytest.mark.slow)])
+def test_resume_through_a_loader_is_exact(tmp_path, sampler, workers):
     """A run interrupted in chain 1 (step 23 of 35; checkpoints every 7 steps, epochs of 6 batches, so the resume
-    replays a part of an epoch) and resumed gives the uninterrupted run's draws, bit for bit, with a random
-    augmentation drawn in 2 worker processes or in the chain's own process; for a loader of ours and for one the
-    driver only iterates (a RandomSampler with replacement, whose random numbers come from torch)."""
+    starts mid-epoch) and resumed gives the uninterrupted run's draws, bit for bit, with a random augmentation
+    drawn in 2 worker processes or in the chain's own process; for a loader of ours (restarted at the saved
+    batch) and for one the driver only iterates (a RandomSampler with replacement, whose random numbers come from
+    torch: the interrupted epoch is replayed)."""
     def loader():
         batches = dict(batch_sampler=UniformIndexSampler(N, 20)) if sampler == "ours" else dict(
             batch_size=20, sampler=RandomSampler(range(N), replacement=True))
@@ -205,3 +215,37 @@ def test_parallel_chains_through_a_loader_give_the_sequential_draws():
     """The loader travels to each chain's process (pickled) and is taken over there as in the sequential run."""
     loader = DataLoader(IndexedDataset(TensorDataset(X, Y)), batch_sampler=UniformIndexSampler(N, 20))
     same_draws(_sample(loader), _sample(loader, chain_method="parallel"))
+
+
+@pytest.mark.slow  # three runs in a subprocess and here: 22 s on the shared 2-core machine
+def test_kill_9_through_a_loader_with_workers_resumes_exactly(tmp_path):
+    """SIGKILL a run whose batches come from 2 DataLoader workers with a random augmentation, after 4 blocks of
+    chain 0; its workers exit with it; the resumed run gives the uninterrupted run's draws."""
+    from test_faults import _alive, _children
+
+    here = Path(__file__).resolve().parent
+    directory = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(here / "loader_job.py"), str(directory), "60"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (directory / "chain_0.000003.nc").exists():
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "the job made no progress in 120 s"
+            time.sleep(0.02)
+        workers: list[int] = []
+        while not workers and time.monotonic() < deadline:  # an epoch's workers (not between two epochs)
+            workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not (directory / "results.nc").exists() and workers
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "DataLoader workers outlived the killed run"
+    import loader_job
+
+    same_draws(loader_job.run(directory, 60), loader_job.run(None, 60))

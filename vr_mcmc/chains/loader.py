@@ -11,22 +11,23 @@ Two kinds of loader, by their batch sampler:
 - **Ours** (`vr_mcmc.data.UniformIndexSampler`, `vr_mcmc.data.BlockSampler`, or torch's own
   ``shuffle=True`` sampler: a ``BatchSampler`` over a ``RandomSampler`` without replacement): the driver
   draws each chain's batches itself, from the chain's seed, exactly as for tensors (`IndexStream`,
-  `BlockStream`; the sampler's own seed is not used) and hands them to a copy of the loader (the same
-  dataset, collate_fn, workers, pinned memory), one epoch at a time. So chains differ, a run repeats, the
-  draws equal the tensor path's for the same indices (with the same data and no augmentation), whatever
-  ``num_workers`` is, and a resume is exact.
+  `BlockStream`; the sampler's own seed is not used), and a copy of the loader (the same dataset,
+  collate_fn, workers, pinned memory) loads them for the whole chain. Each batch is loaded with torch's CPU
+  RNG, Python's ``random`` and NumPy's global RNG seeded from (chain seed, epoch, position) (`SeededItems`;
+  the chain's own RNG states are restored around it in its own process), so a random augmentation is a
+  function of the batch's place in the chain alone. Hence chains differ, a run repeats, the draws are the
+  same whatever ``num_workers`` is (and equal the tensor path's for the same data without augmentation),
+  and a resume starts the loader at the saved batch: exact, nothing replayed. Workers start once per chain
+  (and once per resume).
 - **Any other iterable** (a DataLoader with a sequential, weighted or custom sampler, an IterableDataset, an
-  object whose ``__iter__`` yields batches): each pass over it is an epoch. The driver seeds torch's global
-  RNG and the loader's ``generator`` from (chain seed, epoch) while it starts a pass, so each chain's passes
-  are reproducible and do not disturb the chain's own random numbers.
-
-Resume **replays**: the interrupted epoch is started again (same seeds) and the batches already used are
-loaded and dropped (data loading only, no gradients), so the worker processes' random state, hence the
-augmentation, is where it was. Exact for our samplers and for iterables whose randomness comes from torch
-(the global RNG, the loader's generator, the workers' seeds); an iterable with other randomness resumes with
-other batches, still a valid chain. With ``num_workers=0`` the transforms run in the chain's process and use
-its torch RNG, which the checkpoint saves. Each epoch starts fresh worker processes (``persistent_workers``
-is not used): their seeds come from (chain seed, epoch), which is what lets a resume find them.
+  object whose ``__iter__`` yields batches): each pass over it is an epoch, started with torch's CPU RNG and
+  the loader's ``generator`` seeded from (chain seed, epoch), outside the chain's own RNG. A resume
+  **replays**: the interrupted epoch is started again with the same seeds and the batches already used are
+  loaded and dropped (data loading only, no gradients), so the worker processes' random state, hence the
+  augmentation, is where it was. Exact for iterables whose randomness comes from torch (the CPU RNG, the
+  loader's generator, the workers' seeds; with ``num_workers=0`` the transforms after the first batch of an
+  epoch use the chain's torch RNG, which the checkpoint saves); an iterable with other randomness resumes
+  with other batches, still a valid chain. A DataLoader starts its workers afresh each pass.
 
 Augmentation and a gradient table: a stored row h_i is the gradient of the augmented example i as drawn when
 i was last visited. The SAGA estimate stays unbiased for the augmented target (the expected loss over the
@@ -37,6 +38,7 @@ now, even at the same parameters, so g_i − h_i no longer vanishes near the mod
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -250,39 +252,28 @@ def _shutdown(iterator: Any) -> None:
         shutdown()
 
 
-def _rebuild(loader: DataLoader, batch_sampler: Iterable, generator: torch.Generator) -> DataLoader:
-    """The loader with other batches and generator: the same dataset, collate_fn, workers and pinned memory."""
-    kwargs: dict[str, Any] = dict(
-        batch_sampler=batch_sampler, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context, generator=generator,
-        prefetch_factor=loader.prefetch_factor)
-    if loader.pin_memory_device:
-        kwargs["pin_memory_device"] = loader.pin_memory_device
-    if hasattr(loader, "in_order"):
-        kwargs["in_order"] = loader.in_order
-    return DataLoader(loader.dataset, **kwargs)
+class IterableBatches:
+    """Any other iterable of ``(idx, *batch)``: a pass is an epoch, started with torch's CPU RNG (and a
+    DataLoader's generator) seeded by (chain seed, epoch). State: (epoch, batches used in it); a resume replays
+    the epoch's first batches, loading and dropping them, outside the chain's own RNG."""
 
-
-class _EpochBatches:
-    """The common part: (epoch, batches used in it) as the state; an iterator per epoch, replayed on resume."""
-
-    num_data: int | None
-
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, data: Iterable, num_data: int | None, seed: int):
+        self.data, self.num_data, self.seed = data, num_data, seed
         self.epoch, self.position = 0, 0
         self._iter: Iterator | None = None
         self._pending: list[Any] = []  # a batch fetched while the epoch was opened
 
     def _start(self) -> Iterator:
-        raise NotImplementedError
+        generator = getattr(self.data, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(_epoch_seed(self.seed, self.epoch))
+        return iter(self.data)
 
     def _open(self) -> None:
         with torch.random.fork_rng(devices=[]):
             # the epoch's seeds, and nothing drawn from the chain's own RNG: batches already used are replayed
             # (their transforms included) without moving it
-            torch.manual_seed(_epoch_seed(self.seed, self.epoch))
+            torch.random.default_generator.manual_seed(_epoch_seed(self.seed, self.epoch))  # CPU only: forked
             self._iter = self._start()
             for used in range(self.position):
                 if next(self._iter, None) is None:
@@ -329,37 +320,127 @@ class _EpochBatches:
         self._iter, self._pending = None, []
 
 
-class LoaderBatches(_EpochBatches):
-    """A DataLoader whose batch sampler is ours: each epoch's batches come from the chain's `IndexStream` /
-    `BlockStream` (as for tensors) and are loaded by a copy of the loader, whose generator (its workers' base
-    seed) is seeded by (chain seed, epoch)."""
+def _batch_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of batch ``position`` of epoch ``epoch`` of the chain with stream seed ``seed`` (63 bits)."""
+    import numpy as np
+
+    words = np.random.SeedSequence([seed, 0xBA7C4], spawn_key=(epoch, position)).generate_state(2, np.uint32)
+    return (int(words[0]) << 31 | int(words[1]) >> 1) & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's CPU RNG, Python's ``random`` and NumPy's global RNG seeded by ``seed`` inside, restored after (in
+    the chain's own process, its random numbers are left as they were)."""
+    import random
+
+    import numpy as np
+
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """A map-style dataset fetched a batch at a time, each batch ``(seed, indices)`` with the random number
+    generators seeded by its seed (`_seeded`): a batch's augmentation is a function of its seed alone, the same
+    in any worker process or in the chain's own, and found again on resume."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, batch: tuple[int, list[int]]) -> list:
+        seed, indices = batch
+        with _seeded(seed):
+            getitems = getattr(self.dataset, "__getitems__", None)
+            return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
+
+
+class _ChainBatchSampler:
+    """The chain's batches from (epoch, position) on, without end: ``(seed, indices)`` per batch, the indices from
+    the chain's `IndexStream` / `BlockStream` and the seed from (chain seed, epoch, position)."""
+
+    def __init__(self, owner: LoaderBatches, epoch: int, position: int):
+        self.owner, self.epoch, self.position = owner, epoch, position
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        epoch, position = self.epoch, self.position
+        while True:
+            batches = self.owner.epoch_batches(epoch)
+            for k in range(position, len(batches)):
+                yield _batch_seed(self.owner.seed, epoch, k), batches[k].tolist()
+            epoch, position = epoch + 1, 0
+
+
+class LoaderBatches:
+    """A DataLoader whose batch sampler is ours: the chain's batches come from its `IndexStream` / `BlockStream`
+    (as for tensors), each loaded with its own seed (`SeededItems`) by a copy of the loader that lives as long as
+    the chain (its workers start once, and once more on a resume, which starts at the saved batch). State:
+    (epoch, position) of the next batch."""
 
     def __init__(self, loader: DataLoader, sampler: Any, seed: int):
-        super().__init__(seed)
-        self.loader, self.num_data = loader, len(loader.dataset)
+        self.loader, self.seed, self.num_data = loader, seed, len(loader.dataset)
         self.stream, self.drop_last = _owned_stream(loader, sampler, seed)
+        self.epoch, self.position = 0, 0
+        self._iter: Iterator | None = None
+        self.epoch_length = len(self.epoch_batches(0))  # the same every epoch
 
-    def _start(self) -> Iterator:
-        batches = [b.tolist() for b in self.stream.epoch_batches(self.epoch)]
-        if self.drop_last and len(batches[-1]) < len(batches[0]):
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The batches of epoch ``epoch`` (a short last one dropped if the loader's sampler drops it)."""
+        batches = self.stream.epoch_batches(epoch)
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < len(batches[0]):
             batches.pop()
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        return iter(_rebuild(self.loader, batches, generator))
+        return batches
 
+    def _open(self) -> None:
+        loader = self.loader
+        kwargs: dict[str, Any] = dict(
+            batch_sampler=_ChainBatchSampler(self, self.epoch, self.position), num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+            # the workers' base seed from this generator, not from the chain's RNG (batches reseed anyway)
+            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch)),
+            prefetch_factor=loader.prefetch_factor)
+        if loader.pin_memory_device:
+            kwargs["pin_memory_device"] = loader.pin_memory_device
+        self._iter = iter(DataLoader(SeededItems(loader.dataset), **kwargs))  # in order: the position counts
 
-class IterableBatches(_EpochBatches):
-    """Any other iterable of ``(idx, *batch)``: a pass is an epoch, started with torch's global RNG (and a
-    DataLoader's generator) seeded by (chain seed, epoch)."""
+    def next(self) -> tuple[torch.Tensor, tuple]:
+        if self._iter is None:
+            self._open()
+        batch = next(self._iter)
+        self.position += 1
+        if self.position >= self.epoch_length:
+            self.epoch, self.position = self.epoch + 1, 0
+        return split_batch(batch, self.num_data)
 
-    def __init__(self, data: Iterable, num_data: int | None, seed: int):
-        super().__init__(seed)
-        self.data, self.num_data = data, num_data
+    def full_batch(self) -> tuple:
+        raise TypeError("closure samplers need the whole data at every step: pass tensors or a map-style dataset")
 
-    def _start(self) -> Iterator:
-        generator = getattr(self.data, "generator", None)
-        if isinstance(generator, torch.Generator):
-            generator.manual_seed(_epoch_seed(self.seed, self.epoch))
-        return iter(self.data)
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.close()
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def close(self) -> None:
+        if self._iter is not None:
+            _shutdown(self._iter)
+        self._iter = None
 
 
 def batch_source(data: Any, sampler: Any, batch_size: int | None, seed: int) -> Any:
