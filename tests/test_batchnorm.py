@@ -130,6 +130,9 @@ def test_default_groups_and_bad_num_groups():
     # BatchNorm1d: 1 group; else the largest divisor <= 32 with 2+ channels a group
     assert [m.num_groups for m in model if isinstance(m, nn.GroupNorm)] == [1, 24, 1]
     assert not model[4].affine and model[4].weight is None
+    lazy = nn.Sequential(nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="does not know its channels yet: run one forward pass first"):
+        replace_batchnorm(lazy)
 
 
 def test_frozen_batchnorm_gives_exact_per_example_gradients():

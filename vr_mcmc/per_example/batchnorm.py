@@ -84,6 +84,9 @@ def replace_batchnorm(model: nn.Module, num_groups: int | None = None) -> nn.Mod
         raise ValueError(f"num_groups must be a positive integer or None (chosen per layer), got {num_groups!r}")
     plan = []
     for name, bn in _named_batchnorms(model):
+        if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+            raise ValueError(f"layer '{name or 'the model'}' ({type(bn).__name__}) does not know its channels yet: "
+                             "run one forward pass first, then replace_batchnorm")
         channels = bn.num_features
         groups = default_num_groups(channels, bn) if num_groups is None else num_groups
         if channels % groups:
