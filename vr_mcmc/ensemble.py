@@ -114,6 +114,10 @@ def _not_an_ensemble(directory: Path) -> Exception:
             return ValueError(f"{directory} holds a vr_mcmc.sample run made without keep_params, so its parameter "
                               "draws were not kept: sample again with keep_params=k and a new checkpoint directory "
                               "(the posterior predictive of a run without them: record={'p': fn(model)})")
+        if content.get("results"):
+            return ValueError(f"{directory} holds a finished vr_mcmc.sample run with keep_params="
+                              f"{content['keep_params']} but its {INDEX_FILE} is missing: call vr_mcmc.sample again "
+                              "with the same arguments, which writes it again from the chains' checkpoints")
         return ValueError(f"{directory} holds a vr_mcmc.sample run with keep_params={content['keep_params']} that has "
                           f"not finished ({INDEX_FILE} is written at the end): call vr_mcmc.sample again with the same "
                           "arguments to resume and finish it")
@@ -263,9 +267,9 @@ class PosteriorEnsemble:
         here = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         if saved == here:
             return
-        only_draws, only_model = sorted(set(saved) - set(here)), sorted(set(here) - set(saved))
-        shapes = [f"{k}: draws {saved[k]}, model {here[k]}" for k in sorted(set(saved) & set(here))
-                  if saved[k] != here[k]]
+        # in the model's (and the draws') own order: layer by layer
+        only_draws, only_model = [k for k in saved if k not in here], [k for k in here if k not in saved]
+        shapes = [f"{k}: draws {saved[k]}, model {here[k]}" for k in here if k in saved and saved[k] != here[k]]
         parts = [f"keys only in the draws: {_few(only_draws)}" if only_draws else "",
                  f"keys only in the model: {_few(only_model)}" if only_model else "",
                  f"shapes differ: {_few(shapes, sep='; ')}" if shapes else ""]

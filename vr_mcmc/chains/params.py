@@ -3,7 +3,9 @@
 Layout, in the ``checkpoint=`` directory of `vr_mcmc.sample` or a `Recorder`'s ``directory``::
 
     params/chain_<c>.<d>.safetensors   the model's state dict (parameters and buffers) at posterior draw d
-                                       (0-based, 6 digits) of chain c; metadata: format, chain, draw
+                                       (0-based, 6 digits) of chain c; its metadata: one key, "vr_mcmc",
+                                       holding JSON {"format", "chain", "draw"} (one key: safetensors writes
+                                       several in hash order, and a resumed run must write the same bytes)
     ensemble.json                      the index: format, keep_params, the state dict's keys (shape, dtype),
                                        per chain its files in draw order (file, bytes, sha256, draw)
 
@@ -28,10 +30,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, disk_guard, sha256, verify_file
+from .checkpoint import CheckpointError, disk_guard, load_checkpoint, sha256, verify_file
 
 __all__ = ["FORMAT", "INDEX_FILE", "PARAMS_DIR", "ChainParams", "check_keep_params", "read_header",
-           "state_tensors", "write_index"]
+           "repair_index", "state_tensors", "write_index"]
 
 FORMAT = "vr_mcmc.ensemble/1"
 INDEX_FILE = "ensemble.json"
@@ -75,6 +77,10 @@ def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def draw_metadata(chain: int, draw: int) -> dict[str, str]:
+    return {"vr_mcmc": json.dumps({"format": FORMAT, "chain": chain, "draw": draw})}
+
+
 def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
     """safetensors' own writer (one place, so that the fault tests can stop a write half-way)."""
     from safetensors.torch import save_file
@@ -115,8 +121,7 @@ class ChainParams:
         if (draw + 1) % self.every:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        entry = write_draw(self.path(draw), state_tensors(model),
-                           {"format": FORMAT, "chain": str(self.chain), "draw": str(draw)})
+        entry = write_draw(self.path(draw), state_tensors(model), draw_metadata(self.chain, draw))
         self.index.append({**entry, "draw": draw})
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,3 +180,22 @@ def write_index(directory: str | os.PathLike, chains: Sequence[Sequence[Mapping[
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return path
+
+
+def repair_index(directory: str | os.PathLike, num_chains: int, keep_params: int) -> None:
+    """A finished run whose ``ensemble.json`` is missing or unreadable: written again from the file lists in the
+    chains' checkpoints (kept after the run), each file verified against its checksum."""
+    directory = Path(directory)
+    try:
+        if json.loads((directory / INDEX_FILE).read_text()).get("format") == FORMAT:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    chains = []
+    for c in range(num_chains):
+        state = load_checkpoint(directory / f"chain_{c}.pt").get("params") or {"index": []}
+        for entry in state["index"]:
+            verify_file(directory, entry, f"Restore it, or sample again in a new directory (chain {c}'s parameter "
+                                          "draws cannot be made again without redrawing the chain)")
+        chains.append(state["index"])
+    write_index(directory, chains, keep_params)

@@ -18,7 +18,7 @@ from ..recorder import Recorder, run_attrs
 from .blocks import ChainBlocks, in_memory, merge
 from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
 from .parallel import check_main_guard, run_parallel
-from .params import check_keep_params, write_index
+from .params import check_keep_params, repair_index, write_index
 from .preflight import preflight
 from .runner import run_chain
 from .stream import as_data
@@ -126,6 +126,8 @@ def sample(
         if spec["threads"] is None:
             spec["threads"] = default_threads(fingerprint, spec["parallel"])
         content, finished = prepare_directory(directory, manifest(spec, fingerprint)) if persistent else ({}, False)
+        if finished and keep_params:
+            repair_index(directory, num_chains, keep_params)  # a lost ensemble.json comes back from the checkpoints
         if not finished:
             start = time.perf_counter()
             try:
