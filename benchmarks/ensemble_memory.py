@@ -58,8 +58,9 @@ class Watch:
 
 
 def report(samples: list[tuple[float, float]], duration: float, draws: int, draw_mb: float, what: str) -> None:
-    """RSS at fractions of a phase (draws go by at a steady rate), its range after the first 25% (the first checkpoints and allocator growth), its peak, and
-    the slope of a straight line fitted to RSS against the draws done (MB per draw)."""
+    """RSS at fractions of a phase (draws go by at a steady rate), its range after the first 25% (the first
+    checkpoints and the allocator's growth come before), its peak, and the slope of a straight line fitted to RSS
+    against the draws done over that range (MB per draw)."""
     for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
         t, r = min(samples, key=lambda s: abs(s[0] - frac * duration))
         print(f"  {frac:4.0%} of the {what} (t = {t:5.1f} s): RSS {r:6.0f} MB")
