@@ -494,6 +494,16 @@ def test_paths_that_are_not_ensembles_are_refused_with_the_fix(tmp_path, classif
         vr_mcmc.Recorder(keep_params=1, directory=directory)
 
 
+class _OneLogit(torch.nn.Sequential):
+    """The classifier's layers returning one number per input: not logits over classes."""
+
+    def __init__(self):
+        super().__init__(*mlp())
+
+    def forward(self, x):
+        return super().forward(x)[:, 0]
+
+
 def test_another_architecture_or_not_a_module_is_refused_naming_the_keys(classifier):
     directory, _ = classifier
     digest = _tree(directory)
@@ -508,6 +518,8 @@ def test_another_architecture_or_not_a_module_is_refused_naming_the_keys(classif
         vr_mcmc.PosteriorEnsemble(directory, torch.nn.Sequential(torch.nn.Linear(D, 8)))
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module.*got function"):
         vr_mcmc.PosteriorEnsemble(directory, mlp)
+    with pytest.raises(ValueError, match=r"needs logits \[n, classes\]; the model returned shape \(37,\)"):
+        vr_mcmc.PosteriorEnsemble(directory, _OneLogit()).predict(X_TEST)  # softmax over inputs would be silent
     with pytest.raises(ValueError, match="likelihood must be one of"):
         vr_mcmc.PosteriorEnsemble(directory, mlp(), likelihood="poisson")
     with pytest.raises(ValueError, match=r"shuffle=True.*shuffle=False"):

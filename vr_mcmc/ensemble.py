@@ -357,13 +357,18 @@ class PosteriorEnsemble:
                              "model that returns the mean only")
         return out[..., 0], out[..., 1].exp()
 
+    @staticmethod
+    def _logits(out: torch.Tensor) -> torch.Tensor:
+        if out.ndim != 2:
+            raise ValueError(f"likelihood='categorical' needs logits [n, classes]; the model returned shape "
+                             f"{tuple(out.shape)}. A binary classifier with one logit z: wrap it to return "
+                             "torch.stack([torch.zeros_like(z), z], -1)")
+        return out
+
     def _log_prob(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log p(y_i | x_i, θ) [n] for one draw."""
         if self.likelihood == "categorical":
-            if out.ndim != 2:
-                raise ValueError(f"likelihood='categorical' needs logits [n, classes]; the model returned "
-                                 f"{tuple(out.shape)}")
-            return out.log_softmax(-1).gather(-1, y.long().view(-1, 1)).squeeze(-1)
+            return self._logits(out).log_softmax(-1).gather(-1, y.long().view(-1, 1)).squeeze(-1)
         mean, var = self._gaussian(out)
         y = y.to(torch.float64).reshape(mean.shape)
         logp = -0.5 * (LOG_2PI + var.log() + (y - mean) ** 2 / var)
@@ -378,7 +383,7 @@ class PosteriorEnsemble:
         count = 0
         for out, _ in self._outputs(x, targets=False):
             if self.likelihood == "categorical":
-                p = out.softmax(-1)
+                p = self._logits(out).softmax(-1)
                 total = p if total is None else total + p
             else:
                 mean, var = self._gaussian(out)
@@ -399,7 +404,7 @@ class PosteriorEnsemble:
         total = expected = None
         count = 0
         for out, _ in self._outputs(x, targets=False):
-            logp = out.log_softmax(-1)
+            logp = self._logits(out).log_softmax(-1)
             p = logp.exp()
             h = -(p * logp).sum(-1)
             total = p if total is None else total + p
