@@ -21,9 +21,10 @@ its last checkpoint and gives the draws an uninterrupted run gives; a finished r
 A directory holding another run, or a damaged checkpoint, is refused and left as it is.
 
 Modules, one concept each: `stream` (the data and the minibatch index stream), `loader` (DataLoaders and other
-iterables of indexed batches), `blocks` (draw files
-and their merge), `checkpoint` (manifest, per-chain state, the checkpoint directory), `runner` (one
-chain), `parallel` (chains in worker processes), `sampling` (the public `sample`).
+iterables of indexed batches), `blocks` (draw files and their merge), `checkpoint` (manifest, per-chain state, the
+checkpoint directory), `params` (parameter draws kept with ``keep_params``: safetensors files and their index, read
+by `vr_mcmc.PosteriorEnsemble`), `runner` (one chain), `parallel` (chains in worker processes), `sampling` (the
+public `sample`).
 """
 
 from .checkpoint import CheckpointError

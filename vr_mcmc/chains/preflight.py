@@ -11,6 +11,7 @@ import torch
 
 from ..recorder import Recorder
 from .loader import check_data, describe, is_iterable_data
+from .params import state_tensors
 from .runner import build
 
 __all__ = ["SUPPORTED", "preflight"]
@@ -35,6 +36,8 @@ def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.nda
                 raise ValueError(f"model_fn() built a different model for chain {chain} than for chain 0 "
                                  f"({_difference(architecture, other)}): every chain must sample the same model")
         check_recorded(Recorder(spec["record"], spec["log_likelihood"]), model, sampler, observed)
+        if spec.get("keep_params"):
+            state_tensors(model)  # a state dict that safetensors cannot store is refused now, not at the k-th draw
     return {"sampler": _sampler_options(sampler), "data": _data_shape(spec["data"]),
             "model": {k: list(v) for k, v in architecture.items()}}
 

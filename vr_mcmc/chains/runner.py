@@ -17,6 +17,7 @@ from ..recorder import Recorder
 from .blocks import ChainBlocks, verify_blocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
 from .loader import batch_source
+from .params import ChainParams
 from .stream import chain_seeds
 
 __all__ = ["ChainRunner", "LineProgress", "run_chain"]
@@ -63,12 +64,15 @@ class ChainRunner:
         self.index: dict[str, list[dict[str, Any]]] = {"warmup": [], "draws": []}  # the blocks written, checksummed
         self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
         self.full_batch: tuple | None = None
+        keep_params = spec.get("keep_params")  # every k-th draw's state dict to disk (params.py)
+        self.params = ChainParams(directory, chain, keep_params) if keep_params else None
         self.start_time = time.perf_counter()
 
     # -- state --------------------------------------------------------------------------------------
 
     def resume(self) -> None:
         """Loads the chain's last checkpoint, if any, and drops the blocks written after it."""
+        state = None
         if self.ckpt_path.exists():
             state = load_checkpoint(self.ckpt_path)
             self.model.load_state_dict(state["model"])
@@ -81,6 +85,8 @@ class ChainRunner:
             verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
             self.files[kind].drop_from(self.blocks[kind])
+        if self.params is not None:
+            self.params.resume(None if state is None else state.get("params"))
 
     def flush(self) -> None:
         """Writes the buffered draws as blocks."""
@@ -99,6 +105,7 @@ class ChainRunner:
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                          "stream": self.stream.state_dict(), "index": self.index, "grad_evals": self.grad_evals,
+                         "params": None if self.params is None else self.params.state_dict(),
                          "elapsed": self.elapsed + time.perf_counter() - self.start_time},
                         self.ckpt_path, needed)
 
@@ -149,6 +156,8 @@ class ChainRunner:
         if kept and (not in_warmup or self.spec["save_warmup"]):
             kind = "warmup" if in_warmup else "draws"
             draw = self.recorder.values(self.model, self.sampler)
+            if self.params is not None and kind == "draws":
+                self.params.offer(self.model)
             # the driver counts data passes; a sampler that reports its own keeps them (no double count)
             draw["sample_stats"].setdefault("data_passes", np.asarray(self.grad_evals / self.num_data))
             for group, values in draw.items():
@@ -195,7 +204,7 @@ class ChainRunner:
             if bar is not None:
                 bar.close()
         return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time,
-                "index": self.index}
+                "index": self.index, "params": None if self.params is None else self.params.index}
 
 
 def run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .blocks import ChainBlocks, in_memory, merge
 from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
 from .loader import data_size
 from .parallel import check_main_guard, run_parallel
+from .params import check_keep_params, repair_index, write_index
 from .preflight import preflight
 from .runner import run_chain
 
@@ -58,6 +59,7 @@ def sample(
     progress: bool = True,
     save_warmup: bool = False,
     num_threads: int | None = None,
+    keep_params: int | None = None,
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
@@ -80,6 +82,9 @@ def sample(
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
     ``chain_method="parallel"``.
+    ``keep_params=k`` (needs ``checkpoint``): every k-th draw's state dict (parameters and buffers) is saved
+    as a safetensors file in ``checkpoint/params/``, crash-safe and resumed as the draws are; read the
+    ensemble with `vr_mcmc.PosteriorEnsemble(checkpoint, model)` (see `vr_mcmc.chains.params`).
 
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
@@ -97,6 +102,7 @@ def sample(
     _check_int("seed", seed, 0)
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
+    check_keep_params(keep_params, checkpoint, num_samples // thin)
     if chain_method not in ("sequential", "parallel"):
         raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
     if chain_method == "parallel":
@@ -118,12 +124,15 @@ def sample(
                 num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
                 log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
-                parallel=chain_method == "parallel", threads=num_threads)
+                parallel=chain_method == "parallel", threads=num_threads,
+                keep_params=keep_params)
     try:
         fingerprint = preflight(spec, num_data, observed)
         if spec["threads"] is None:
             spec["threads"] = default_threads(fingerprint, spec["parallel"])
         content, finished = prepare_directory(directory, manifest(spec, fingerprint)) if persistent else ({}, False)
+        if finished and keep_params:
+            repair_index(directory, num_chains, keep_params)  # a lost ensemble.json comes back from the checkpoints
         if not finished:
             start = time.perf_counter()
             try:
@@ -138,7 +147,8 @@ def sample(
                      "thin": thin, "chain_method": chain_method}
             if not persistent:
                 return in_memory(directory, num_chains, attrs, observed)
-            _finish(directory, content, summaries, run_attrs(**attrs, run_id=content["run_id"]), observed)
+            _finish(directory, content, summaries, run_attrs(**attrs, run_id=content["run_id"]), observed,
+                    keep_params)
         return open_results(directory / RESULTS_FILE)
     finally:
         if tmp_dir is not None:
@@ -146,11 +156,15 @@ def sample(
 
 
 def _finish(directory: Path, content: dict[str, Any], summaries: list[dict[str, Any]], attrs: dict[str, Any],
-            observed: Mapping[str, np.ndarray]) -> None:
-    """Merges the verified blocks into results.nc, checks it, records its checksum and the blocks in the
-    manifest, and only then removes the blocks (they would only double the disk used)."""
-    indexes = [s["index"] for s in sorted(summaries, key=lambda s: s["chain"])]
+            observed: Mapping[str, np.ndarray], keep_params: int | None = None) -> None:
+    """Merges the verified blocks into results.nc, checks it, writes the parameter draws' ensemble.json (with
+    ``keep_params``), records results.nc's checksum and the blocks in the manifest, and only then removes the
+    blocks (they would only double the disk used)."""
+    summaries = sorted(summaries, key=lambda s: s["chain"])
+    indexes = [s["index"] for s in summaries]
     merge(directory, indexes, directory / RESULTS_FILE, attrs, observed)
+    if keep_params:
+        write_index(directory, [s["params"] for s in summaries], keep_params)
     write_manifest(directory, {**content, "blocks": indexes, "results": file_entry(directory / RESULTS_FILE)})
     for chain in range(len(indexes)):
         for warmup in (False, True):
