@@ -249,3 +249,21 @@ def test_kill_9_through_a_loader_with_workers_resumes_exactly(tmp_path):
     import loader_job
 
     same_draws(loader_job.run(directory, 60), loader_job.run(None, 60))
+
+
+def test_kept_parameters_through_a_loader_are_the_tensor_paths(tmp_path):
+    """keep_params with a DataLoader as the data (the two parts of issue 20 together): the ensemble's draws are the
+    tensor path's, file for file, and equal to the recorded parameters of the kept draws."""
+    tensors = _sample((X, Y), batch_size=20, keep_params=3, checkpoint=tmp_path / "tensors")
+    loader = DataLoader(IndexedDataset(TensorDataset(X, Y)), batch_sampler=UniformIndexSampler(N, 20, seed=1))
+    through_loader = _sample(loader, keep_params=3, checkpoint=tmp_path / "loader")
+    same_draws(tensors, through_loader)
+    a = vr_mcmc.PosteriorEnsemble(tmp_path / "tensors", chain_job.model_fn())
+    b = vr_mcmc.PosteriorEnsemble(tmp_path / "loader", chain_job.model_fn())
+    assert len(a) == len(b) == 2 * (25 // 3) and a.draw_indices == b.draw_indices
+    for i in range(len(a)):
+        for name, value in a[i].items():
+            assert torch.equal(value, b[i][name]), (i, name)
+    chain, draw = a.draw_indices[1]
+    assert torch.equal(a[1]["weight"].reshape(-1),
+                       torch.as_tensor(tensors.posterior["weight"].values[chain, draw]).reshape(-1).to(a[1]["weight"]))
