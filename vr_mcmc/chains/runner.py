@@ -163,7 +163,7 @@ class ChainRunner:
         adapting = self.closure_sampler and num_warmup > 0 and self.sampler.adapts_step_size
         if self.step == 0 and adapting:
             self.sampler.adapt(True, num_warmup=num_warmup)
-        if self.closure_sampler:
+        if self.closure_sampler and self.full_batch is None:  # (a data-parallel runner sets its shard's)
             self.full_batch = self.fetch(torch.arange(self.num_data))
         every = self.spec["checkpoint_every"]
         bar = _progress(self.spec, self.chain, total, self.step)

@@ -58,6 +58,8 @@ def sample(
     progress: bool = True,
     save_warmup: bool = False,
     num_threads: int | None = None,
+    data_parallel: bool = False,
+    process_group: Any = None,
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
@@ -77,6 +79,10 @@ def sample(
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
     ``chain_method="parallel"``.
 
+    Under ``torchrun`` (or with a torch.distributed group initialized, or ``process_group=``) the chains are
+    spread over the ranks, or with ``data_parallel=True`` each chain runs across all ranks on their shards of the
+    data: see `vr_mcmc.distributed` (rank 0 returns the merged result, the other ranks None).
+
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
     """
@@ -94,7 +100,7 @@ def sample(
         _check_int("num_threads", num_threads, 1)
     if chain_method not in ("sequential", "parallel"):
         raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
-    if chain_method == "parallel":
+    if chain_method == "parallel" and process_group is None and not data_parallel:
         check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
         if not callable(fn):
@@ -107,13 +113,21 @@ def sample(
                 for k, v in (observed_data or {}).items()}
 
     persistent = checkpoint is not None
-    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
-    directory = Path(checkpoint) if persistent else Path(tmp_dir)
     spec = dict(model_fn=model_fn, sampler_fn=sampler_fn, loss_fn=loss_fn, data=data, batch_size=batch_size,
                 num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
-                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
+                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=None,
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=num_threads)
+    from ..distributed.group import resolve
+
+    comm = resolve(process_group, bool(data_parallel))
+    if comm is not None:  # several ranks (vr_mcmc.distributed)
+        from ..distributed.driver import run_distributed
+
+        return run_distributed(spec, checkpoint, observed, comm, bool(data_parallel), chain_method, num_data)
+    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
+    directory = Path(checkpoint) if persistent else Path(tmp_dir)
+    spec["directory"] = str(directory)
     try:
         fingerprint = preflight(spec, num_data, observed)
         if spec["threads"] is None:

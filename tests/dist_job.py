@@ -1,0 +1,105 @@
+"""Sampling jobs for the torch.distributed tests, at module level: Bayesian logistic regression on synthetic
+float64 data (float64 so that a data-parallel chain can be compared with one process at a tight tolerance).
+
+As a script it is one rank of a run, started the way torchrun starts it (the environment variables WORLD_SIZE,
+RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): ``python dist_job.py MODE SAMPLER DIR NUM_SAMPLES OUT``, MODE "chains"
+or "data"; DIR "-" for no checkpoint; rank 0 writes the posterior and sample_stats to OUT (npz)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch_sample
+import vr_mcmc
+import vr_mcmc.data
+from torch_sample.priors import Normal
+
+N, D = 120, 3
+_gen = torch.Generator().manual_seed(0)
+X = torch.randn(N, D, generator=_gen, dtype=torch.float64)
+Y = (X @ torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64) + torch.randn(N, generator=_gen, dtype=torch.float64)
+     > 0).double()
+LR = 2e-3
+
+
+def model_fn() -> torch.nn.Module:
+    return torch.nn.Linear(D, 1).double()
+
+
+def loss_fn(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    x, y = batch
+    return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
+
+
+def sgld(model):
+    return torch_sample.SGLD(model.parameters(), lr=LR, num_data=N, prior=Normal(2.0))
+
+
+def sagald(model):
+    return torch_sample.SAGALD(model.parameters(), lr=LR, num_data=N, engine=vr_mcmc.PerExampleGradients(model),
+                               prior=Normal(2.0))
+
+
+def svrgld(model):
+    loader = DataLoader(vr_mcmc.data.IndexedDataset(TensorDataset(X, Y)), batch_size=40)
+    return torch_sample.SVRGLD(model.parameters(), lr=LR, num_data=N, snapshot_every=6, loader=loader,
+                               loss_fn=lambda x, y: loss_fn(model, (x, y)), prior=Normal(2.0))
+
+
+def sghmc(model):
+    return torch_sample.SGHMC(model.parameters(), lr=0.02, num_data=N, friction=5.0, prior=Normal(2.0))
+
+
+def psgld(model):
+    return torch_sample.PSGLD(model.parameters(), lr=1e-3, num_data=N, prior=Normal(2.0))
+
+
+def sgnht(model):
+    return torch_sample.SGNHT(model.parameters(), lr=0.02, num_data=N, prior=Normal(2.0))
+
+
+def hmc(model):
+    return torch_sample.HMC(model.parameters(), lr=0.1, num_data=N, num_leapfrog=5, prior=Normal(2.0))
+
+
+SAMPLERS = {"sgld": sgld, "sagald": sagald, "svrgld": svrgld, "sghmc": sghmc, "psgld": psgld, "sgnht": sgnht,
+            "hmc": hmc}
+
+
+def run(mode: str, sampler: str, checkpoint=None, num_samples: int = 200, **kw):
+    options = dict(batch_size=20, num_chains=3, num_warmup=0, num_samples=num_samples, record=["weight", "bias"],
+                   seed=3, checkpoint=checkpoint, checkpoint_every=20, progress=False,
+                   data_parallel=mode == "data")
+    options.update(kw)
+    return vr_mcmc.sample(model_fn, SAMPLERS[sampler], loss_fn, (X, Y), **options)
+
+
+def arrays(result) -> dict[str, np.ndarray]:
+    out = {f"posterior/{k}": np.asarray(v) for k, v in result["posterior"].data_vars.items()}
+    out.update({f"sample_stats/{k}": np.asarray(v) for k, v in result["sample_stats"].data_vars.items()})
+    return out
+
+
+if __name__ == "__main__":  # python dist_job.py MODE SAMPLER DIR NUM_SAMPLES OUT [BAD]
+    torch.set_num_threads(1)
+    mode, sampler, directory, num_samples, out = sys.argv[1:6]
+    bad = sys.argv[6] if len(sys.argv) > 6 else None  # what rank 1 gets wrong (the bad-input tests)
+    extra = {}
+    if os.environ["RANK"] == "1" and bad == "seed":
+        extra["seed"] = 4
+    if os.environ["RANK"] == "1" and bad == "data":  # one example fewer (and num_data to match)
+        X, Y, N = X[:-1], Y[:-1], N - 1
+    try:
+        result = run(mode, sampler, None if directory == "-" else directory, int(num_samples), **extra)
+    except Exception as exc:
+        print(f"ERROR {type(exc).__name__} {exc}", flush=True)
+        sys.exit(2)
+    if result is not None:
+        np.savez(out, **arrays(result))
+    print(f"rank {os.environ['RANK']} done: {'result' if result is not None else 'None'}", flush=True)
