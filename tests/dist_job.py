@@ -2,8 +2,7 @@
 float64 data (float64 so that a data-parallel chain can be compared with one process at a tight tolerance).
 
 As a script it is one rank of a run, started the way torchrun starts it (the environment variables WORLD_SIZE,
-RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): ``python dist_job.py MODE SAMPLER DIR NUM_SAMPLES OUT``, MODE "chains"
-or "data"; DIR "-" for no checkpoint; rank 0 writes the posterior and sample_stats to OUT (npz)."""
+RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): see `main`. MODE "chains" or "data"."""
 
 from __future__ import annotations
 
@@ -86,20 +85,35 @@ def arrays(result) -> dict[str, np.ndarray]:
     return out
 
 
-if __name__ == "__main__":  # python dist_job.py MODE SAMPLER DIR NUM_SAMPLES OUT [BAD]
+def main(argv: list[str]) -> None:
+    """One rank: ``MODE SAMPLERS DIR NUM_SAMPLES OUT [--chains C] [--bad seed|data]``; SAMPLERS comma-separated (one
+    run each, DIR/<sampler> as its checkpoint unless DIR is "-"); rank 0 writes OUT-<sampler>.npz."""
+    import argparse
+
+    global X, Y, N
+    parser = argparse.ArgumentParser()
+    for name in ("mode", "samplers", "directory", "num_samples", "out"):
+        parser.add_argument(name)
+    parser.add_argument("--chains", type=int, default=3)
+    parser.add_argument("--bad", default=None)  # what rank 1 gets wrong (the bad-input tests)
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    mode, sampler, directory, num_samples, out = sys.argv[1:6]
-    bad = sys.argv[6] if len(sys.argv) > 6 else None  # what rank 1 gets wrong (the bad-input tests)
-    extra = {}
-    if os.environ["RANK"] == "1" and bad == "seed":
+    extra = {"num_chains": args.chains}
+    if os.environ["RANK"] == "1" and args.bad == "seed":
         extra["seed"] = 4
-    if os.environ["RANK"] == "1" and bad == "data":  # one example fewer (and num_data to match)
+    if os.environ["RANK"] == "1" and args.bad == "data":  # one example fewer (and num_data to match)
         X, Y, N = X[:-1], Y[:-1], N - 1
-    try:
-        result = run(mode, sampler, None if directory == "-" else directory, int(num_samples), **extra)
-    except Exception as exc:
-        print(f"ERROR {type(exc).__name__} {exc}", flush=True)
-        sys.exit(2)
-    if result is not None:
-        np.savez(out, **arrays(result))
-    print(f"rank {os.environ['RANK']} done: {'result' if result is not None else 'None'}", flush=True)
+    for sampler in args.samplers.split(","):
+        checkpoint = None if args.directory == "-" else os.path.join(args.directory, sampler)
+        try:
+            result = run(args.mode, sampler, checkpoint, int(args.num_samples), **extra)
+        except Exception as exc:
+            print(f"ERROR {type(exc).__name__} {exc}", flush=True)
+            sys.exit(2)
+        if result is not None:
+            np.savez(f"{args.out}-{sampler}.npz", **arrays(result))
+        print(f"rank {os.environ['RANK']} {sampler} done: {'result' if result is not None else 'None'}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -20,7 +20,7 @@ from ..chains.checkpoint import RESULTS_FILE, _flatten, manifest, open_results, 
 from ..chains.preflight import preflight
 from ..chains.runner import build, run_chain
 from ..recorder import run_attrs
-from .group import Comm, DistributedError
+from .group import Comm, DistributedError, check_backend
 from .liveness import Heartbeat
 from .sharding import chain_share
 
@@ -93,11 +93,8 @@ def _agree(spec: dict[str, Any], observed: Mapping[str, np.ndarray], comm: Comm,
         with torch.random.fork_rng(devices=[]):
             model, _ = build(spec, 0)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if data_parallel and comm.backend == "nccl" and device.type != "cuda":
-            raise ValueError(f"the process group's backend is NCCL, which moves CUDA tensors only, but the model's "
-                             f"parameters are on {device}: build the model on this rank's GPU (model_fn: "
-                             "model.to(torch.device('cuda', int(os.environ['LOCAL_RANK'])))), or initialize the group "
-                             "with backend='gloo' for CPU tensors")
+        if data_parallel:
+            check_backend(comm.backend, device)
         return content, (socket.gethostname(), str(device))
 
     value: Any

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_TIMEOUT", "Comm", "DistributedError", "resolve"]
+__all__ = ["DEFAULT_TIMEOUT", "Comm", "DistributedError", "check_backend", "resolve"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
@@ -151,3 +151,12 @@ def _init_from_environment() -> None:
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=DEFAULT_TIMEOUT)
     else:
         dist.init_process_group("gloo", timeout=DEFAULT_TIMEOUT)
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuses a backend that cannot all-reduce the model's tensors: NCCL (alone) moves CUDA tensors only."""
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"the process group's backend is NCCL, which moves CUDA tensors only, but the model's "
+                         f"parameters are on {device}: build the model on this rank's GPU (in model_fn: "
+                         "model.to(torch.device('cuda', int(os.environ['LOCAL_RANK'])))), or initialize the group with "
+                         "backend='gloo' (CPU tensors) or 'cpu:gloo,cuda:nccl'")
