@@ -1,6 +1,7 @@
-"""vr_mcmc.sample on torch.distributed (issue 21): real 2-process gloo runs on 127.0.0.1, each rank started as
-torchrun starts it (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) running tests/dist_job.py, every
-launch under a timeout (a hang fails the test, it never blocks the suite). References: the same job in this
+"""vr_mcmc.sample on torch.distributed (issue 21): real 2-process gloo runs on 127.0.0.1, each rank a process
+forked from the test's with the environment torchrun gives (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) running tests/dist_job.py's main, every launch under a timeout (a hang fails the test, it never blocks
+the suite). References: the same job in this
 process, one process, no torch.distributed."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,9 +24,6 @@ from vr_mcmc.chains.blocks import verify_blocks
 from vr_mcmc.distributed import chain_share, shard_range
 from vr_mcmc.distributed.group import check_backend
 
-JOB = str(Path(__file__).parent / "dist_job.py")
-ROOT = str(Path(__file__).parent.parent)
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -34,31 +31,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: str, world: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+def _rank(argv: list[str], env: dict[str, str], log: str) -> None:
+    """One rank in a forked child: the environment torchrun would give it, its output to ``log``."""
+    import torch._dynamo  # noqa: F401  (already imported by the parent: forked, not re-imported)
+
+    os.environ.update(env)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = open(1, "w", closefd=False)  # noqa: SIM115
+        dist_job.main(argv)
+        sys.stdout.flush()
+
+
+class Rank:
+    """A rank's process (forked from this one, which has torch and the job imported: a child starts in
+    milliseconds instead of the ~10 s of imports of a fresh interpreter on this busy machine) and its output."""
+
+    def __init__(self, process, log: str):
+        self.process, self.log = process, log
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.process.pid, sig)
+
+    def output(self) -> str:
+        return Path(self.log).read_text() if Path(self.log).exists() else ""
+
+
+def launch(*args: str, world: int = 2, env: dict | None = None) -> list[Rank]:
+    import multiprocessing
+
+    import torch._dynamo  # noqa: F401  (what building a torch.optim optimizer imports: once, here, not per rank)
+
     port = _free_port()
-    procs = []
+    ctx = multiprocessing.get_context("fork")
+    ranks = []
     for rank in range(world):
-        e = dict(os.environ, WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                 OMP_NUM_THREADS="1", **(env or {}))
-        procs.append(subprocess.Popen([sys.executable, JOB, *args], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    return procs
+        e = dict(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port), **(env or {}))
+        log = os.path.join(args[4] + f".rank{rank}.log") if len(args) > 4 else os.devnull
+        process = ctx.Process(target=_rank, args=(list(args), e, log), daemon=True)
+        process.start()
+        ranks.append(Rank(process, log))
+    return ranks
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 90) -> list[tuple[int, str]]:
+def finish(ranks: list[Rank], timeout: float = 90) -> list[tuple[int, str]]:
     """Each rank's (exit code, output); kills them all and fails if any is still running after ``timeout``."""
     deadline = time.monotonic() + timeout
-    out = []
-    try:
-        for p in procs:
-            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            out.append((p.returncode, text))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"a rank hung (no exit within {timeout} s)")
-    return out
+    for r in ranks:
+        r.process.join(max(0.1, deadline - time.monotonic()))
+    if any(r.process.exitcode is None for r in ranks):
+        for r in ranks:
+            r.kill()
+        pytest.fail(f"a rank hung (no exit within {timeout} s): " + "\n".join(r.output() for r in ranks))
+    return [(r.process.exitcode, r.output()) for r in ranks]
 
 
 def run_ok(*args: str, timeout: float = 90, **kw) -> None:
@@ -145,13 +182,13 @@ def test_data_parallel_sg_family_and_hmc_equal_one_process(tmp_path):
 # -- faults --------------------------------------------------------------------------------------------------
 
 
-def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 60) -> None:
+def _wait_for(path: Path, ranks: list[Rank], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            for p in procs:
-                p.kill()
-            pytest.fail(f"{path.name} never appeared: " + "".join(p.communicate()[0] or "" for p in procs))
+        if time.monotonic() > deadline or any(r.poll() is not None for r in ranks):
+            for r in ranks:
+                r.kill()
+            pytest.fail(f"{path.name} never appeared: " + "".join(r.output() for r in ranks))
         time.sleep(0.02)
 
 
