@@ -19,9 +19,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_TIMEOUT", "Comm", "DistributedError", "check_backend", "resolve"]
+__all__ = ["DEFAULT_TIMEOUT", "TRAFFIC", "Comm", "DistributedError", "check_backend", "resolve"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+# This process's all-reduce traffic since it started (bytes of the tensors all-reduced, and calls), as
+# torch.cuda.memory_stats counts memory: for the communication volume per step (benchmarks/distributed.py).
+TRAFFIC = {"all_reduce_bytes": 0, "all_reduce_calls": 0}
 
 
 class DistributedError(RuntimeError):
@@ -55,6 +59,8 @@ class Comm:
         import torch.distributed as dist
 
         self._call(what, lambda: dist.all_reduce(tensor, group=self.group))
+        TRAFFIC["all_reduce_bytes"] += tensor.numel() * tensor.element_size()
+        TRAFFIC["all_reduce_calls"] += 1
         return tensor
 
     def all_gather_object(self, value: Any, what: str) -> list[Any]:
