@@ -21,7 +21,8 @@ A directory holding another run, or a damaged checkpoint, is refused and left as
 
 Modules, one concept each: `stream` (the data and the minibatch index stream), `blocks` (draw files
 and their merge), `checkpoint` (manifest, per-chain state, the checkpoint directory), `runner` (one
-chain), `parallel` (chains in worker processes), `sampling` (the public `sample`).
+chain), `parallel` (chains in worker processes), `sampling` (the public `sample`). Several ranks of
+torch.distributed (torchrun): `vr_mcmc.distributed`.
 """
 
 from .checkpoint import CheckpointError

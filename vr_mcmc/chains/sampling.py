@@ -79,9 +79,11 @@ def sample(
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
     ``chain_method="parallel"``.
 
-    Under ``torchrun`` (or with a torch.distributed group initialized, or ``process_group=``) the chains are
-    spread over the ranks, or with ``data_parallel=True`` each chain runs across all ranks on their shards of the
-    data: see `vr_mcmc.distributed` (rank 0 returns the merged result, the other ranks None).
+    Under ``torchrun`` (or with a torch.distributed group initialized, or the group ``process_group=``) the chains
+    are spread over the ranks (each as in one process: the same result), or with ``data_parallel=True`` each chain
+    runs across all ranks, each rank on its shard of the examples and of the SAGA table, the estimate all-reduced
+    (the one-process chain up to the order of sums): see `vr_mcmc.distributed`. Rank 0 returns the merged result,
+    the other ranks None.
 
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).

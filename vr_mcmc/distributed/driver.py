@@ -120,7 +120,7 @@ def _agree(spec: dict[str, Any], observed: Mapping[str, np.ndarray], comm: Comm,
                              "was sampled. Every rank must make the same call, with the same data")
     devices = [v[2] for v in values]
     cuda = [d for d in devices if d[1].startswith("cuda")]
-    if len(set(cuda)) != len(cuda):
+    if "nccl" in comm.backend and len(set(cuda)) != len(cuda):  # NCCL refuses (or hangs on) a GPU shared by ranks
         same = sorted({d for d in cuda if cuda.count(d) > 1})
         raise ValueError(f"several ranks use the same GPU ({same}, host and device): one device per rank. Build the "
                          "model on torch.device('cuda', LOCAL_RANK) (torchrun sets LOCAL_RANK), or on 'cuda' after "
