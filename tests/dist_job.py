@@ -67,8 +67,18 @@ def hmc(model):
     return torch_sample.HMC(model.parameters(), lr=0.1, num_data=N, num_leapfrog=5, prior=Normal(2.0))
 
 
+def sagald_blocks(model):  # a partitioned table: refused data parallel
+    return torch_sample.SAGALD(model.parameters(), lr=LR, num_data=N, engine=vr_mcmc.PerExampleGradients(model),
+                               block_size=4)
+
+
+def sghmc_auto(model):  # beta="auto" needs the whole batch's per-example gradients: refused data parallel
+    return torch_sample.SGHMC(model.parameters(), lr=0.02, num_data=N, friction=5.0, beta="auto",
+                              engine=vr_mcmc.PerExampleGradients(model))
+
+
 SAMPLERS = {"sgld": sgld, "sagald": sagald, "svrgld": svrgld, "sghmc": sghmc, "psgld": psgld, "sgnht": sgnht,
-            "hmc": hmc}
+            "hmc": hmc, "sagald_blocks": sagald_blocks, "sghmc_auto": sghmc_auto}
 
 
 def run(mode: str, sampler: str, checkpoint=None, num_samples: int = 200, **kw):
@@ -96,9 +106,10 @@ def main(argv: list[str]) -> None:
         parser.add_argument(name)
     parser.add_argument("--chains", type=int, default=3)
     parser.add_argument("--bad", default=None)  # what rank 1 gets wrong (the bad-input tests)
+    parser.add_argument("--chain-method", default="sequential")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    extra = {"num_chains": args.chains}
+    extra = {"num_chains": args.chains, "chain_method": args.chain_method}
     if os.environ["RANK"] == "1" and args.bad == "seed":
         extra["seed"] = 4
     if os.environ["RANK"] == "1" and args.bad == "data":  # one example fewer (and num_data to match)

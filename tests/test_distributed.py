@@ -243,6 +243,17 @@ def test_ranks_given_different_arguments_are_refused_before_sampling(tmp_path, b
     assert not (tmp_path / "run").exists()  # refused before the directory was made
 
 
+@pytest.mark.parametrize("mode, sampler, option, message", [
+    ("chains", "sgld", "parallel", "ValueError chain_method='parallel' under torch.distributed"),
+    ("data", "sagald_blocks", "sequential", "ValueError data_parallel=True does not support a partitioned"),
+    ("data", "sghmc_auto", "sequential", "ValueError data_parallel=True does not support SGHMC(beta='auto')"),
+])
+def test_what_cannot_run_across_ranks_is_refused_on_every_rank(tmp_path, mode, sampler, option, message):
+    results = finish(launch(mode, sampler, "-", "20", str(tmp_path / "out"), "--chain-method", option), 60)
+    for code, out in results:
+        assert code == 2 and f"ERROR {message}" in out, out
+
+
 def test_nccl_on_cpu_tensors_is_refused():
     check_backend("cpu:gloo,cuda:nccl", torch.device("cpu"))
     check_backend("nccl", torch.device("cuda", 0))
