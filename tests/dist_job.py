@@ -81,12 +81,12 @@ SAMPLERS = {"sgld": sgld, "sagald": sagald, "svrgld": svrgld, "sghmc": sghmc, "p
             "hmc": hmc, "sagald_blocks": sagald_blocks, "sghmc_auto": sghmc_auto}
 
 
-def run(mode: str, sampler: str, checkpoint=None, num_samples: int = 200, **kw):
+def run(mode: str, sampler: str, checkpoint=None, num_samples: int = 200, data=None, **kw):
     options = dict(batch_size=20, num_chains=3, num_warmup=0, num_samples=num_samples, record=["weight", "bias"],
                    seed=3, checkpoint=checkpoint, checkpoint_every=20, progress=False,
                    data_parallel=mode == "data")
     options.update(kw)
-    return vr_mcmc.sample(model_fn, SAMPLERS[sampler], loss_fn, (X, Y), **options)
+    return vr_mcmc.sample(model_fn, SAMPLERS[sampler], loss_fn, (X, Y) if data is None else data, **options)
 
 
 def arrays(result) -> dict[str, np.ndarray]:
@@ -107,6 +107,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chains", type=int, default=3)
     parser.add_argument("--bad", default=None)  # what rank 1 gets wrong (the bad-input tests)
     parser.add_argument("--chain-method", default="sequential")
+    parser.add_argument("--shard", action="store_true")  # each rank passes only its rows (vr_mcmc.distributed.Shard)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     extra = {"num_chains": args.chains, "chain_method": args.chain_method}
@@ -114,6 +115,11 @@ def main(argv: list[str]) -> None:
         extra["seed"] = 4
     if os.environ["RANK"] == "1" and args.bad == "data":  # one example fewer (and num_data to match)
         X, Y, N = X[:-1], Y[:-1], N - 1
+    if args.shard:
+        from vr_mcmc.distributed import Shard, shard_range
+
+        rows = shard_range(N, int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]) if args.bad != "shard" else 0)
+        extra["data"] = Shard((X[rows.start : rows.stop].clone(), Y[rows.start : rows.stop].clone()), N, rows.start)
     for sampler in args.samplers.split(","):
         checkpoint = None if args.directory == "-" else os.path.join(args.directory, sampler)
         try:

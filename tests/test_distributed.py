@@ -152,6 +152,24 @@ def test_data_parallel_chain_equals_the_one_process_chain(data_parallel_run, sam
     assert np.isnan(got["sample_stats/noise_ratio"]).all()  # needs the whole batch's per-example gradients
 
 
+def test_ranks_holding_only_their_rows_of_the_data_make_the_same_chain(data_parallel_run, tmp_path):
+    """Each rank passes a Shard (a copy of its 60 rows only): the draws are those of the ranks given all the data."""
+    run_ok("data", "sagald", "-", "200", str(tmp_path / "out"), "--chains", "1", "--shard")
+    got, ref = np.load(tmp_path / "out-sagald.npz"), np.load(data_parallel_run / "out-sagald.npz")
+    for name in ("posterior/weight", "posterior/bias", "sample_stats/lp"):
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+
+
+def test_a_shard_of_other_rows_is_refused(tmp_path):
+    """Rank r must hold shard_range(N, K, r): a Shard of rank 0's rows given to rank 1 is refused before sampling."""
+    from vr_mcmc.distributed import Shard
+
+    with pytest.raises(IndexError, match=r"holds examples 0\.\.59 of 120 only"):
+        Shard((dist_job.X[:60], dist_job.Y[:60]), 120, 0).fetch(torch.tensor([3, 70]))
+    results = finish(launch("data", "sagald", "-", "20", str(tmp_path / "out"), "--shard", "--bad", "shard"), 60)
+    assert "ERROR ValueError rank 1 was given a Shard of examples 0..59 but holds 60..119" in results[1][1], results
+
+
 def test_each_rank_table_holds_only_its_rows(data_parallel_run, tmp_path):
     """Rank r's SAGA table holds the rows of its 60 examples (shard_range), half the one-process table's bytes."""
     torch.set_num_threads(1)

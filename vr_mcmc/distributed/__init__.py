@@ -17,7 +17,8 @@ Launch the same script on every rank with ``torchrun`` (gloo on CPU; NCCL on GPU
   (`shard_range`) and the SAGA table's rows for them; every rank draws the same batch indices and the same noise,
   computes the gradients of its own examples, and the estimate is all-reduced (`estimators`), so the chain is the
   one-process chain up to the order of floating-point sums (float64: |Δθ| ≤ 1e-12 after 200 steps, tested).
-  Chains run one after another, each on all ranks; rank 0 records the draws.
+  Chains run one after another, each on all ranks; rank 0 records the draws. Each rank reads only its own
+  examples through ``data``; to load only them, pass a `Shard` (this rank's rows of the tensors).
 
 Checkpoints (``checkpoint=DIR``): with chains across ranks, each rank writes its own chains' files; a directory on a
 file system all ranks see is merged in place, and a rank-local one is sent to rank 0 at the end (so does a run
@@ -28,6 +29,6 @@ checkpoints stay intact, and the same command resumes to the same result.
 """
 
 from .group import DEFAULT_TIMEOUT, DistributedError
-from .sharding import chain_share, shard_range
+from .sharding import Shard, chain_share, shard_range
 
-__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "chain_share", "shard_range"]
+__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "Shard", "chain_share", "shard_range"]

@@ -22,7 +22,7 @@ from ..chains.runner import build, run_chain
 from ..recorder import run_attrs
 from .group import Comm, DistributedError, check_backend
 from .liveness import Heartbeat
-from .sharding import chain_share
+from .sharding import Shard, chain_share, shard_range
 
 __all__ = ["run_distributed"]
 
@@ -86,7 +86,17 @@ def _agree(spec: dict[str, Any], observed: Mapping[str, np.ndarray], comm: Comm,
         if data_parallel and num_data < comm.world_size:
             raise ValueError(f"data_parallel=True with {comm.world_size} ranks needs at least one example per rank; "
                              f"the data has {num_data}")
+        data = spec["data"]
+        if isinstance(data, Shard):
+            rows = shard_range(num_data, comm.world_size, comm.rank)
+            if not data_parallel or data.rows != rows:
+                raise ValueError(f"rank {comm.rank} was given a Shard of examples {data.rows.start}.."
+                                 f"{data.rows.stop - 1} but holds {rows.start}..{rows.stop - 1} "
+                                 f"(shard_range({num_data}, {comm.world_size}, {comm.rank})) in data-parallel sampling"
+                                 + ("" if data_parallel else "; and a Shard needs data_parallel=True"))
         fingerprint = preflight(spec, num_data, observed)
+        if isinstance(data, Shard):
+            fingerprint["data"] = data.fingerprint()
         content = manifest(spec, fingerprint)
         if data_parallel:
             content["data_parallel"] = {"world_size": comm.world_size}
