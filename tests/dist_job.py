@@ -126,6 +126,9 @@ def main(argv: list[str]) -> None:
             result = run(args.mode, sampler, checkpoint, int(args.num_samples), **extra)
         except Exception as exc:
             print(f"ERROR {type(exc).__name__} {exc}", flush=True)
+            partial = getattr(exc, "partial", None)
+            if partial is not None:
+                print(f"PARTIAL draws {partial['posterior'].sizes['draw']}", flush=True)
             sys.exit(2)
         if result is not None:
             np.savez(f"{args.out}-{sampler}.npz", **arrays(result))

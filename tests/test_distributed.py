@@ -7,6 +7,7 @@ process, one process, no torch.distributed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -221,6 +222,8 @@ def test_a_rank_killed_mid_chain_stops_the_other_and_the_rerun_resumes(data_para
     (code0, out0), (code1, _) = finish(procs, timeout=60)
     assert code1 == -signal.SIGKILL
     assert code0 == 2 and "ERROR DistributedError rank 0:" in out0 and "run the same command again" in out0, out0
+    partial = re.search(r"PARTIAL draws (\d+)", out0)  # exc.partial: the draws rank 0 made before the error
+    assert partial and 20 <= int(partial.group(1)) < 200, out0
     directory = tmp_path / "run" / "sagald"
     for path in directory.glob("chain_0.rank*.pt"):
         state = torch.load(path, weights_only=False)

@@ -53,7 +53,12 @@ def run_distributed(spec: dict[str, Any], checkpoint: Any, observed: Mapping[str
                 "progress": spec["progress"] and (comm.rank == 0 or not data_parallel)}
         start = time.perf_counter()
         run = _data_parallel if data_parallel else _chains
-        summaries = run(spec, comm, token, directory, shared)
+        try:
+            summaries = run(spec, comm, token, directory, shared)
+        except (Exception, KeyboardInterrupt) as exc:  # the draws this rank sees go with the error, as in one process
+            if comm.rank == 0 or not data_parallel:
+                sampling._attach_partial(exc, spec, observed, time.perf_counter() - start)
+            raise
         if comm.rank != 0:
             return None
         wall = time.perf_counter() - start
