@@ -107,6 +107,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chains", type=int, default=3)
     parser.add_argument("--bad", default=None)  # what rank 1 gets wrong (the bad-input tests)
     parser.add_argument("--chain-method", default="sequential")
+    parser.add_argument("--timeout", type=float, default=None)  # the job initializes its own group with it
     parser.add_argument("--shard", action="store_true")  # each rank passes only its rows (vr_mcmc.distributed.Shard)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -115,6 +116,12 @@ def main(argv: list[str]) -> None:
         extra["seed"] = 4
     if os.environ["RANK"] == "1" and args.bad == "data":  # one example fewer (and num_data to match)
         X, Y, N = X[:-1], Y[:-1], N - 1
+    if args.timeout is not None:  # the user's own group (vr_mcmc.sample uses it instead of making one)
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     if args.shard:
         from vr_mcmc.distributed import Shard, shard_range
 

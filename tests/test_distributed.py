@@ -235,6 +235,26 @@ def test_a_rank_killed_mid_chain_stops_the_other_and_the_rerun_resumes(data_para
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
 
 
+def test_a_stopped_rank_is_a_timeout_of_the_users_group_not_a_hang(data_parallel_run, tmp_path):
+    """The job initializes its own gloo group with a 3 s timeout (sample uses it); rank 1 is frozen (SIGSTOP) after
+    its first checkpoint, so its connections stay open: rank 0's all-reduce times out and it stops with a
+    DistributedError; rank 1 is then killed, and the rerun resumes to the uninterrupted draws."""
+    args = ("data", "sagald", str(tmp_path / "run"), "200", str(tmp_path / "out"), "--chains", "1")
+    ranks = launch(*args, "--timeout", "3")
+    _wait_for(tmp_path / "run" / "sagald" / "chain_0.rank1.pt", ranks)
+    ranks[1].send_signal(signal.SIGSTOP)
+    start = time.monotonic()
+    ranks[0].process.join(60)
+    waited = time.monotonic() - start
+    ranks[1].send_signal(signal.SIGKILL)
+    (code0, out0), _ = finish(ranks, timeout=30)
+    assert code0 == 2 and "ERROR DistributedError rank 0:" in out0, out0
+    assert 2.5 < waited < 30, waited  # the group's timeout, not forever
+    run_ok(*args)
+    got, ref = np.load(tmp_path / "out-sagald.npz"), np.load(data_parallel_run / "out-sagald.npz")
+    np.testing.assert_array_equal(got["posterior/weight"], ref["posterior/weight"])
+
+
 def test_a_rank_killed_while_others_wait_is_named_and_the_rerun_resumes(tmp_path):
     """Chains across ranks: rank 1 is killed in its chain; rank 0 finishes chain 0, waits, sees rank 1's heartbeat
     stop (VR_MCMC_STALL_SECONDS=3) and stops naming it; the rerun resumes chain 1 and gives one process's draws."""
