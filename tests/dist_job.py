@@ -109,6 +109,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chain-method", default="sequential")
     parser.add_argument("--timeout", type=float, default=None)  # the job initializes its own group with it
     parser.add_argument("--shard", action="store_true")  # each rank passes only its rows (vr_mcmc.distributed.Shard)
+    parser.add_argument("--own", action="store_true")  # process_group=False: each rank on its own
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     extra = {"num_chains": args.chains, "chain_method": args.chain_method}
@@ -116,6 +117,8 @@ def main(argv: list[str]) -> None:
         extra["seed"] = 4
     if os.environ["RANK"] == "1" and args.bad == "data":  # one example fewer (and num_data to match)
         X, Y, N = X[:-1], Y[:-1], N - 1
+    if args.own:
+        extra["process_group"] = False
     if args.timeout is not None:  # the user's own group (vr_mcmc.sample uses it instead of making one)
         from datetime import timedelta
 

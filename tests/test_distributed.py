@@ -308,6 +308,14 @@ def test_shares_of_chains_and_examples_are_contiguous_and_uneven_where_they_must
     assert [shard_range(7, 3, r) for r in range(3)] == [range(0, 3), range(3, 5), range(5, 7)]
 
 
+def test_process_group_false_runs_each_rank_on_its_own(tmp_path):
+    """Under the launcher's environment, process_group=False: each rank samples alone (different seeds allowed)."""
+    ranks = launch("chains", "sgld", "-", "20", str(tmp_path / "out"), "--chains", "1", "--bad", "seed",
+                   "--own")
+    for code, out in finish(ranks, 60):
+        assert code == 0 and "sgld done: result" in out, out
+
+
 def test_data_parallel_without_a_process_group_is_refused(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match=r"data_parallel=True runs one chain across the ranks of torch\.distributed"):

@@ -83,7 +83,7 @@ def sample(
     are spread over the ranks (each as in one process: the same result), or with ``data_parallel=True`` each chain
     runs across all ranks, each rank on its shard of the examples and of the SAGA table, the estimate all-reduced
     (the one-process chain up to the order of sums): see `vr_mcmc.distributed`. Rank 0 returns the merged result,
-    the other ranks None.
+    the other ranks None. ``process_group=False``: each rank runs its own `sample`, as without torch.distributed.
 
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
@@ -102,7 +102,7 @@ def sample(
         _check_int("num_threads", num_threads, 1)
     if chain_method not in ("sequential", "parallel"):
         raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
-    if chain_method == "parallel" and process_group is None and not data_parallel:
+    if chain_method == "parallel" and not process_group and not data_parallel:
         check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
         if not callable(fn):

@@ -122,10 +122,14 @@ def _launched() -> int:
 
 
 def resolve(process_group: Any, data_parallel: bool) -> Comm | None:
-    """The group the run uses, or None for a plain one-process run (no group, or a world of one without
-    ``data_parallel``)."""
+    """The group the run uses, or None for a plain one-process run (no group, a world of one without
+    ``data_parallel``, or ``process_group=False``: each rank runs its own independent `sample`)."""
     import torch.distributed as dist
 
+    if process_group is False:  # this rank samples on its own, whatever the launcher
+        if data_parallel:
+            raise ValueError("data_parallel=True runs one chain across ranks: it cannot run with process_group=False")
+        return None
     if process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group= was given but torch.distributed is not initialized: call "
