@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..recorder import Recorder
+from .loader import check_data, describe, is_iterable_data
 from .runner import build
 
 __all__ = ["SUPPORTED", "preflight"]
@@ -24,7 +25,8 @@ def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.nda
     The caller's global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         model, sampler = build(spec, 0)
-        check_sampler(sampler, num_data)
+        check_data(spec["data"], sampler, spec["batch_size"], spec["parallel"])
+        check_sampler(sampler, num_data if num_data is not None else getattr(sampler, "num_data", None))
         check_schedule(sampler, spec["num_warmup"] + spec["num_samples"])
         architecture = _architecture(model)
         for chain in range(1, spec["num_chains"]):
@@ -119,6 +121,8 @@ def _sampler_options(sampler: Any) -> dict[str, Any]:
 
 
 def _data_shape(data: Any) -> Any:
+    if is_iterable_data(data):
+        return describe(data)
     if isinstance(data, torch.Tensor):
         data = (data,)
     if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):

@@ -16,7 +16,8 @@ import torch
 from ..recorder import Recorder
 from .blocks import ChainBlocks, verify_blocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
-from .stream import as_data, chain_seeds, index_stream
+from .loader import batch_source
+from .stream import chain_seeds
 
 __all__ = ["ChainRunner", "LineProgress", "run_chain"]
 
@@ -51,8 +52,9 @@ class ChainRunner:
         self.files = {"warmup": ChainBlocks(directory, chain, warmup=True), "draws": ChainBlocks(directory, chain)}
         self.model, self.sampler = build(spec, chain)
         self.recorder = Recorder(spec["record"], spec["log_likelihood"])
-        self.num_data, self.fetch = as_data(spec["data"])
-        self.stream = index_stream(self.sampler, self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        # the chain's batches (tensors, a dataset, a DataLoader): next() -> (indices, batch); resumable state
+        self.stream = batch_source(spec["data"], self.sampler, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        self.num_data = self.stream.num_data
         self.closure_sampler = is_closure_sampler(self.sampler)
         self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
         self.total = self.num_warmup + spec["num_samples"]
@@ -128,8 +130,8 @@ class ChainRunner:
         if self.closure_sampler:
             sampler.step(self.full_closure)
         else:
-            idx = self.stream.next()
-            closure = self.batch_closure(self.fetch(idx))
+            idx, batch = self.stream.next()
+            closure = self.batch_closure(batch)
             if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
                 sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
             else:
@@ -164,7 +166,7 @@ class ChainRunner:
         if self.step == 0 and adapting:
             self.sampler.adapt(True, num_warmup=num_warmup)
         if self.closure_sampler and self.full_batch is None:  # (a data-parallel runner sets its shard's)
-            self.full_batch = self.fetch(torch.arange(self.num_data))
+            self.full_batch = self.stream.full_batch()
         every = self.spec["checkpoint_every"]
         bar = _progress(self.spec, self.chain, total, self.step)
         self.start_time = time.perf_counter()
@@ -189,6 +191,7 @@ class ChainRunner:
                 self.flush()
             raise
         finally:
+            self.stream.close()  # a DataLoader's worker processes
             if bar is not None:
                 bar.close()
         return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time,

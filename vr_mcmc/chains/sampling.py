@@ -17,10 +17,10 @@ import torch
 from ..recorder import Recorder, run_attrs
 from .blocks import ChainBlocks, in_memory, merge
 from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
+from .loader import data_size
 from .parallel import check_main_guard, run_parallel
 from .preflight import preflight
 from .runner import run_chain
-from .stream import as_data
 
 __all__ = ["SMALL_MODEL", "sample"]
 
@@ -43,7 +43,7 @@ def sample(
     loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
     data: Any,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     num_warmup: int,
     num_samples: int,
     num_chains: int = 4,
@@ -67,6 +67,10 @@ def sample(
     ``sampler_fn(model)`` -> its sampler (a torch_sample sampler whose ``num_data`` is N);
     ``loss_fn(model, batch)`` -> the batch mean NLL, ``batch`` = the data's tensors at a batch of
     indices (a tuple). ``batch_size`` is used by minibatch samplers (closure samplers see all data).
+    ``data``: a tensor or tuple of tensors (X, y, ...) with examples in dim 0, a map-style dataset, or a
+    ``DataLoader`` over a `vr_mcmc.data.IndexedDataset` (any iterable of ``(idx, *batch)``; ``batch_size`` is
+    then the loader's, and ``loss_fn`` gets ``batch[1:]``): workers, pinned memory and augmentation work, and
+    chains stay reproducible and resumable (`vr_mcmc.chains.loader` says how).
     ``num_warmup`` steps adapt (MALA/HMC) and are dropped (kept in ``warmup_*`` with ``save_warmup``);
     ``num_samples`` counts the steps after warmup, of which every ``thin``-th is kept, as NumPyro and
     Stan do: ``num_samples=1000, thin=2`` gives 500 draws per chain.
@@ -95,7 +99,8 @@ def sample(
     if thin > num_samples:
         raise ValueError(f"thin={thin} keeps every {thin}-th of the num_samples={num_samples} steps after warmup, "
                          "so no draw: num_samples counts steps (as in NumPyro), e.g. num_samples=draws * thin")
-    _check_int("batch_size", batch_size, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("seed", seed, 0)
     if num_threads is not None:
@@ -107,8 +112,8 @@ def sample(
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-    num_data, _ = as_data(data)
-    if batch_size > num_data:
+    num_data = data_size(data)  # None: an iterable of unknown length (N is the sampler's num_data)
+    if batch_size is not None and num_data is not None and batch_size > num_data:
         raise ValueError(f"batch_size {batch_size} is larger than the data ({num_data} examples)")
     Recorder(record, log_likelihood, observed_data)  # checks the arguments before any work
     observed = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)

@@ -33,6 +33,9 @@ class DataParallelRunner(ChainRunner):
     def __init__(self, spec: dict[str, Any], chain: int, comm: Comm):
         super().__init__(spec, chain)
         self.comm = comm
+        # tensors, a map-style dataset or a Shard (the driver refuses iterables): the batch indices alone from the
+        # chain's stream, and only this rank's examples fetched
+        self.indices, self.fetch = self.stream.stream, self.stream.fetch
         self.rows = shard_range(self.num_data, comm.world_size, comm.rank)
         directory = Path(spec["directory"])
         self.ckpt_path = directory / f"chain_{chain}.rank{comm.rank}.pt"
@@ -98,7 +101,7 @@ class DataParallelRunner(ChainRunner):
         if self.closure_sampler:
             sampler.step(self.full_closure)
         else:
-            idx = self.stream.next()
+            idx = self.indices.next()
             local = local_positions(idx, self.rows)
             batch = self.fetch(local + self.rows.start) if local.numel() else None
             closure = self._reduced_closure(batch, int(local.numel()), int(idx.numel()))

@@ -17,6 +17,7 @@ import torch
 
 from ..chains.blocks import in_memory
 from ..chains.checkpoint import RESULTS_FILE, _flatten, manifest, open_results, prepare_directory, sha256
+from ..chains.loader import is_iterable_data
 from ..chains.preflight import preflight
 from ..chains.runner import build, run_chain
 from ..recorder import run_attrs
@@ -88,6 +89,10 @@ def _agree(spec: dict[str, Any], observed: Mapping[str, np.ndarray], comm: Comm,
             raise ValueError(f"chain_method={chain_method!r} under torch.distributed: every rank is already a process "
                              "of its own; use chain_method='sequential' (the default), and more ranks for more "
                              "processes")
+        if data_parallel and is_iterable_data(spec["data"]):
+            raise ValueError("data_parallel=True takes the data as tensors, a map-style Dataset or a "
+                             "vr_mcmc.distributed.Shard, from which each rank reads only its own examples; a "
+                             "DataLoader or other iterable would give every rank whole batches: pass its dataset")
         if data_parallel and num_data < comm.world_size:
             raise ValueError(f"data_parallel=True with {comm.world_size} ranks needs at least one example per rank; "
                              f"the data has {num_data}")

@@ -134,7 +134,8 @@ class PerExampleGradients:
     loss. Layers with a registered rule (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm,
     RMSNorm, InstanceNorm, BatchNorm in eval mode) are computed from their saved input and output
     gradient; any other module with parameters goes through torch.func on its saved input.
-    BatchNorm on batch statistics mixes examples and raises `MixedExamplesError` when it runs.
+    BatchNorm on batch statistics mixes examples and raises `MixedExamplesError` when it runs
+    (`vr_mcmc.per_example.replace_batchnorm` or `freeze_batchnorm` make a model acceptable).
 
     The representations returned hold views of the batch's activations: they stay valid until
     the inputs are modified in place.
@@ -226,9 +227,10 @@ class PerExampleGradients:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
             raise MixedExamplesError(
                 f"layer '{name}' ({type(module).__name__}) normalizes with batch statistics, which mixes "
-                "the examples of a batch, so per-example gradients are undefined. Put it in eval mode "
-                f"(model.get_submodule('{name}').eval() uses its running statistics) or replace it with "
-                "GroupNorm or LayerNorm."
+                "the examples of a batch, so per-example gradients are undefined. Replace it with GroupNorm "
+                "(vr_mcmc.per_example.replace_batchnorm(model)), or fix its running statistics "
+                "(vr_mcmc.per_example.freeze_batchnorm(model, inputs=...) estimates them once and keeps the layer "
+                f"in eval mode; model.get_submodule('{name}').eval() uses the ones it holds)."
             )
 
     def _store_grad(self, call: _Call, k: int, grad: torch.Tensor) -> None:
