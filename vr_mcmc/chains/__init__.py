@@ -24,7 +24,7 @@ Modules, one concept each: `stream` (the data and the minibatch index stream), `
 iterables of indexed batches), `blocks` (draw files and their merge), `checkpoint` (manifest, per-chain state, the
 checkpoint directory), `params` (parameter draws kept with ``keep_params``: safetensors files and their index, read
 by `vr_mcmc.PosteriorEnsemble`), `runner` (one chain), `parallel` (chains in worker processes), `sampling` (the
-public `sample`).
+public `sample`). Several ranks of torch.distributed (torchrun): `vr_mcmc.distributed`.
 """
 
 from .checkpoint import CheckpointError

@@ -65,7 +65,7 @@ class ChainRunner:
         self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
         self.full_batch: tuple | None = None
         keep_params = spec.get("keep_params")  # every k-th draw's state dict to disk (params.py)
-        self.params = ChainParams(directory, chain, keep_params) if keep_params else None
+        self.param_files = ChainParams(directory, chain, keep_params) if keep_params else None
         self.start_time = time.perf_counter()
 
     # -- state --------------------------------------------------------------------------------------
@@ -85,8 +85,8 @@ class ChainRunner:
             verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
             self.files[kind].drop_from(self.blocks[kind])
-        if self.params is not None:
-            self.params.resume(None if state is None else state.get("params"))
+        if self.param_files is not None:
+            self.param_files.resume(None if state is None else state.get("params"))
 
     def flush(self) -> None:
         """Writes the buffered draws as blocks."""
@@ -105,7 +105,7 @@ class ChainRunner:
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                          "stream": self.stream.state_dict(), "index": self.index, "grad_evals": self.grad_evals,
-                         "params": None if self.params is None else self.params.state_dict(),
+                         "params": None if self.param_files is None else self.param_files.state_dict(),
                          "elapsed": self.elapsed + time.perf_counter() - self.start_time},
                         self.ckpt_path, needed)
 
@@ -156,8 +156,8 @@ class ChainRunner:
         if kept and (not in_warmup or self.spec["save_warmup"]):
             kind = "warmup" if in_warmup else "draws"
             draw = self.recorder.values(self.model, self.sampler)
-            if self.params is not None and kind == "draws":
-                self.params.offer(self.model)
+            if self.param_files is not None and kind == "draws":
+                self.param_files.offer(self.model)
             # the driver counts data passes; a sampler that reports its own keeps them (no double count)
             draw["sample_stats"].setdefault("data_passes", np.asarray(self.grad_evals / self.num_data))
             for group, values in draw.items():
@@ -174,7 +174,7 @@ class ChainRunner:
         adapting = self.closure_sampler and num_warmup > 0 and self.sampler.adapts_step_size
         if self.step == 0 and adapting:
             self.sampler.adapt(True, num_warmup=num_warmup)
-        if self.closure_sampler:
+        if self.closure_sampler and self.full_batch is None:  # (a data-parallel runner sets its shard's)
             self.full_batch = self.stream.full_batch()
         every = self.spec["checkpoint_every"]
         bar = _progress(self.spec, self.chain, total, self.step)
@@ -204,7 +204,7 @@ class ChainRunner:
             if bar is not None:
                 bar.close()
         return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time,
-                "index": self.index, "params": None if self.params is None else self.params.index}
+                "index": self.index, "params": None if self.param_files is None else self.param_files.index}
 
 
 def run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:

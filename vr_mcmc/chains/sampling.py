@@ -60,6 +60,8 @@ def sample(
     save_warmup: bool = False,
     num_threads: int | None = None,
     keep_params: int | None = None,
+    data_parallel: bool = False,
+    process_group: Any = None,
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
@@ -86,6 +88,12 @@ def sample(
     as a safetensors file in ``checkpoint/params/``, crash-safe and resumed as the draws are; read the
     ensemble with `vr_mcmc.PosteriorEnsemble(checkpoint, model)` (see `vr_mcmc.chains.params`).
 
+    Under ``torchrun`` (or with a torch.distributed group initialized, or the group ``process_group=``) the chains
+    are spread over the ranks (each as in one process: the same result), or with ``data_parallel=True`` each chain
+    runs across all ranks, each rank on its shard of the examples and of the SAGA table, the estimate all-reduced
+    (the one-process chain up to the order of sums): see `vr_mcmc.distributed`. Rank 0 returns the merged result,
+    the other ranks None. ``process_group=False``: each rank runs its own `sample`, as without torch.distributed.
+
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
     """
@@ -105,7 +113,7 @@ def sample(
     check_keep_params(keep_params, checkpoint, num_samples // thin)
     if chain_method not in ("sequential", "parallel"):
         raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
-    if chain_method == "parallel":
+    if chain_method == "parallel" and not process_group and not data_parallel:
         check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
         if not callable(fn):
@@ -118,14 +126,22 @@ def sample(
                 for k, v in (observed_data or {}).items()}
 
     persistent = checkpoint is not None
-    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
-    directory = Path(checkpoint) if persistent else Path(tmp_dir)
     spec = dict(model_fn=model_fn, sampler_fn=sampler_fn, loss_fn=loss_fn, data=data, batch_size=batch_size,
                 num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
-                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
+                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=None,
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=num_threads,
                 keep_params=keep_params)
+    from ..distributed.group import resolve
+
+    comm = resolve(process_group, bool(data_parallel))
+    if comm is not None:  # several ranks (vr_mcmc.distributed)
+        from ..distributed.driver import run_distributed
+
+        return run_distributed(spec, checkpoint, observed, comm, bool(data_parallel), chain_method, num_data)
+    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
+    directory = Path(checkpoint) if persistent else Path(tmp_dir)
+    spec["directory"] = str(directory)
     try:
         fingerprint = preflight(spec, num_data, observed)
         if spec["threads"] is None:

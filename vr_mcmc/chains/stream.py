@@ -147,7 +147,10 @@ class TensorBatches:
 
 
 def as_data(data: Any) -> tuple[int, Callable[[torch.Tensor], tuple]]:
-    """(N, fetch(indices) -> batch tuple) for a tuple of tensors or a map-style dataset."""
+    """(N, fetch(indices) -> batch tuple) for a tuple of tensors, a map-style dataset, or an object with
+    ``num_data`` and ``fetch`` (a rank's `vr_mcmc.distributed.Shard`)."""
+    if hasattr(data, "num_data") and callable(getattr(data, "fetch", None)):
+        return data.num_data, data.fetch
     if isinstance(data, torch.Tensor):
         data = (data,)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):

@@ -89,6 +89,17 @@ class ControlVariate(Estimator):
 
         Randomized layers (`vr_mcmc.rad`) run exact here: μ̃ is the exact full gradient.
         """
+        total, count = self._summed_pass()
+        if count != self.num_data:
+            raise ValueError(
+                f"the full-gradient pass over loader visited {count} examples but num_data={self.num_data}: the "
+                "loader must cover the whole data set once (no drop_last, no sampling with replacement)"
+            )
+        return total
+
+    def _summed_pass(self) -> tuple[list[torch.Tensor], int]:
+        """(Σ g_j over the examples ``loader`` yields, their number): the pass `full_gradient` checks and a
+        data-parallel rank all-reduces (`vr_mcmc.distributed`)."""
         total = [torch.zeros_like(p) for p in self.params]
         count = 0
         for batch in self.loader:
@@ -101,12 +112,7 @@ class ControlVariate(Estimator):
                 if g is not None:
                     t.add_(batch_sum(g, b, self.loss_reduction))
             count += b
-        if count != self.num_data:
-            raise ValueError(
-                f"the full-gradient pass over loader visited {count} examples but num_data={self.num_data}: the "
-                "loader must cover the whole data set once (no drop_last, no sampling with replacement)"
-            )
-        return total
+        return total, count
 
     def estimate(self, indices, closure):
         b = None if indices is None else int(indices.numel())
