@@ -110,6 +110,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--timeout", type=float, default=None)  # the job initializes its own group with it
     parser.add_argument("--shard", action="store_true")  # each rank passes only its rows (vr_mcmc.distributed.Shard)
     parser.add_argument("--own", action="store_true")  # process_group=False: each rank on its own
+    parser.add_argument("--keep", type=int, default=None)  # keep_params=k (the parameter draws as an ensemble)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     extra = {"num_chains": args.chains, "chain_method": args.chain_method}
@@ -119,6 +120,8 @@ def main(argv: list[str]) -> None:
         X, Y, N = X[:-1], Y[:-1], N - 1
     if args.own:
         extra["process_group"] = False
+    if args.keep is not None:
+        extra["keep_params"] = args.keep
     if args.timeout is not None:  # the user's own group (vr_mcmc.sample uses it instead of making one)
         from datetime import timedelta
 

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_job
 
+import vr_mcmc
 from vr_mcmc.chains.blocks import verify_blocks
 from vr_mcmc.distributed import chain_share, shard_range
 from vr_mcmc.distributed.group import check_backend
@@ -111,6 +112,26 @@ def one_process(sampler: str, num_samples: int, num_chains: int) -> dict[str, np
 
 
 # -- chains across ranks -----------------------------------------------------------------------------------
+def test_kept_parameters_across_ranks_are_one_processs_ensemble(tmp_path):
+    """keep_params under chains across ranks (a checkpoint directory both ranks see): every rank writes its chains'
+    parameter files, rank 0 the index; the ensemble equals a one-process run's, file for file. Data parallel with
+    keep_params is refused on both ranks before any draw."""
+    run_ok("chains", "sgld", str(tmp_path / "run"), "60", str(tmp_path / "out"), "--chains", "3", "--keep", "10")
+    torch.set_num_threads(1)
+    dist_job.run("chains", "sgld", str(tmp_path / "one"), 60, num_chains=3, keep_params=10)
+    ranks = vr_mcmc.PosteriorEnsemble(tmp_path / "run" / "sgld", dist_job.model_fn())
+    one = vr_mcmc.PosteriorEnsemble(tmp_path / "one", dist_job.model_fn())
+    assert len(ranks) == len(one) == 3 * 6 and ranks.draw_indices == one.draw_indices
+    for i in range(len(one)):
+        for name, value in one[i].items():
+            assert torch.equal(value, ranks[i][name]), (i, name)
+    results = finish(launch("data", "sgld", str(tmp_path / "dp"), "20", str(tmp_path / "dpout"), "--chains", "1",
+                            "--keep", "5"), 60)
+    for code, text in results:
+        assert code == 2 and "keep_params is not supported with data_parallel=True" in text, text
+    assert not (tmp_path / "dp" / "sgld" / "params").exists()
+
+
 
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpoint", "in-memory"])
