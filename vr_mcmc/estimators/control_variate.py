@@ -112,6 +112,7 @@ class ControlVariate(Estimator):
         b = None if indices is None else int(indices.numel())
         info: dict[str, Any] = {"refreshed": False}
         evals = 0
+        self._check_due = self.spot_check_due()
         here_reps = self._per_example()  # before the full-gradient pass replaces the engine's batch
         if self._refresh_due():
             self.centre = self._new_centre()
