@@ -65,7 +65,11 @@ class Store:
         """``rows_rep(rows)`` in the compute dtype, kept for the same ``rows`` tensor until the stored rows
         change (their version counters): SAGA reads a batch's old rows for their sum and for its noise
         diagnostic."""
-        versions = tuple(t._version for t in self._tensors())
+        tensors = self._tensors()
+        if torch.is_inference_mode_enabled() or rows.is_inference() or any(t.is_inference() for t in tensors):
+            # no version counters to go by
+            return self.rows_rep(rows)
+        versions = tuple(t._version for t in tensors)
         memo = self._gathered
         if memo is not None and memo[0] is rows and memo[1] == versions:
             return memo[2]

@@ -190,7 +190,7 @@ class GradientTable:
         if memo is not None and memo[0] is indices and memo[1] == indices._version:
             return memo[2]
         found = self._find_rows(indices)
-        if isinstance(indices, torch.Tensor) and not indices.is_inference():
+        if isinstance(indices, torch.Tensor) and not (indices.is_inference() or torch.is_inference_mode_enabled()):
             self._last_rows = (indices, indices._version, found)
         return found
 
