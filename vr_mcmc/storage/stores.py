@@ -33,8 +33,8 @@ class Store:
     def __init__(self, shape: torch.Size, compute_dtype: torch.dtype):
         self.shape = torch.Size(shape)
         self.compute_dtype = compute_dtype
-        # (rows, their sum, the sum's version) since the last write
-        self._cached: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # (rows, their version, their sum, the sum's version) since the last write
+        self._cached: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
         self._gathered: tuple | None = None  # (rows, the stored tensors' versions, rows_rep(rows)); see gather
         self._lossless: bool | None = None
 
@@ -82,7 +82,9 @@ class Store:
         # SAGA asks for Σ of a batch's old rows, then overwrites those rows: keep the sum for write()
         # (its version counter tells if the caller modified it in place since; inference tensors have
         # no version counter, so those are not kept).
-        self._cached = None if total.is_inference() else (rows.clone(), total, total._version)
+        # The rows tensor itself with its version counter, not a copy: unchanged since, it holds the same rows.
+        cached = None if total.is_inference() or rows.is_inference() else (rows, rows._version, total, total._version)
+        self._cached = cached
         return total
 
     def write(
@@ -94,9 +96,9 @@ class Store:
         new rows when they are stored exactly (a lossless store).
         """
         cached = self._cached
-        if (cached is not None and cached[1]._version == cached[2] and cached[0].shape == rows.shape
-                and torch.equal(cached[0], rows)):
-            old = cached[1]
+        if (cached is not None and cached[0]._version == cached[1] and cached[2]._version == cached[3]
+                and (cached[0] is rows or (cached[0].shape == rows.shape and torch.equal(cached[0], rows)))):
+            old = cached[2]
         else:
             old = self.rows_rep(rows).sum()
         self._cached = None

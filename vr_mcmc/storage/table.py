@@ -264,10 +264,11 @@ class GradientTable:
         # A non-finite row (an overflow in a low storage dtype, a diverging step) would leave a total
         # at inf/NaN for good: recompute such totals from the rows as stored (one host sync here). The
         # max-norm is non-finite exactly when an element is (NaN propagates).
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(totals, ord=math.inf))).tolist()
-        for n, ok in zip(self.stores, finite):
-            if not ok:
-                self._recompute(n)
+        norms = torch.stack(torch._foreach_norm(totals, ord=math.inf))
+        if not math.isfinite(float(norms.sum())):  # the sum of non-negative norms is finite iff each is
+            for n, ok in zip(self.stores, torch.isfinite(norms).tolist()):
+                if not ok:
+                    self._recompute(n)
         self._since_fold += 1
         if self._since_fold >= FOLD_EVERY:
             self._fold()
