@@ -191,6 +191,40 @@ def measure(name: str, problem, batch_size: int, lr: float, methods, rounds: int
     return params, {m: (statistics.median(ts), statistics.quantiles(ts, n=5)[0]) for m, ts in times.items()}
 
 
+def count(problem, batch_size: int, lr: float, methods, steps: int = 10, warmup: int = 70) -> dict[str, tuple]:
+    """Per method, (ATen operations, Python function calls) per step: deterministic measures of the per-step
+    overhead, which do not move with the machine's load (ops inside torch.func's vmap are not all seen)."""
+    import cProfile
+    import pstats
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model_fn, loss_fn, data, prior = problem
+    out = {}
+    for m in methods:
+        chain = Chain(m, model_fn, loss_fn, data, prior, batch_size, lr)
+        for _ in range(warmup):  # past the spot checks of the first 8 steps
+            chain.step()
+        Ops.calls = 0
+        with Ops():
+            for _ in range(steps):
+                chain.step()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(steps):
+            chain.step()
+        profile.disable()
+        out[m] = (Ops.calls / steps, pstats.Stats(profile).total_calls / steps)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["ar", "mlp"], choices=["ar", "mlp"])
@@ -199,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--json", help="also write the medians here")
+    p.add_argument("--count", action="store_true", help="count ATen ops and Python calls per step instead of timing")
     args = p.parse_args(argv)
     if "SGLD" not in args.methods:
         args.methods.insert(0, "SGLD")
@@ -207,9 +242,17 @@ def main(argv=None) -> int:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     print(f"torch {torch.__version__}, vr_mcmc from {os.path.dirname(vr_mcmc.__file__)}, {platform.machine()}, "
-          f"1 thread, load {load:.2f}; {args.rounds} rounds × {args.steps} interleaved steps per method")
+          f"1 thread, load {load:.2f}; " + ("operations counted over 10 steps after 70" if args.count else
+                                             f"{args.rounds} rounds × {args.steps} interleaved steps per method"))
     out = {}
     specs = {"ar": ("AR(5)", ar_problem, 15, 1e-5), "mlp": ("demo MLP", mlp_problem, 64, 1e-5)}
+    if args.count:
+        print(f"{'model':<10}{'B':>5}  {'method':<14}{'ATen ops/step':>14}{'Python calls/step':>19}")
+        for key in args.models:
+            label, make, batch_size, lr = specs[key]
+            for m, (ops, calls) in count(make(), batch_size, lr, args.methods).items():
+                print(f"{label:<10}{batch_size:>5}  {m:<14}{ops:>14.1f}{calls:>19.1f}")
+        return 0
     print(f"{'model':<10}{'P':>6}{'B':>5}  {'method':<14}{'ms/step':>9}{'/ SGLD':>9}{'p20 ms':>9}{'/ SGLD':>9}")
     for key in args.models:
         label, make, batch_size, lr = specs[key]
