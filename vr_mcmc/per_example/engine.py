@@ -127,7 +127,9 @@ class PerExampleGradients:
     (mean) or 1 (sum); with ``check=True`` (the default) `collect` verifies this for every
     parameter by random probes and raises rather than return per-example gradients that do not
     add up (about 0.1 ms per parameter on a CPU; ``check=False`` skips it in a hot loop once a
-    model is known to be covered).
+    model is known to be covered). The samplers keep the check's cost in proportion by running
+    it as a spot check: on their first 8 steps, then every 64th (``collect(check=False)`` between;
+    see `vr_mcmc.estimators.base.Estimator.spot_check_due` for what that still detects).
 
     The batch is dimension 0 of every layer input. A batch is what the forwards (with gradients
     enabled) between two backward passes computed: the model may be called several times per
@@ -331,11 +333,13 @@ class PerExampleGradients:
 
     # -- results -------------------------------------------------------------------------------
 
-    def collect(self) -> dict[str, PerExampleGradient]:
+    def collect(self, *, check: bool | None = None) -> dict[str, PerExampleGradient]:
         """Per-example gradients of the last batch, one representation per trainable parameter.
 
         Keys are parameter names as in ``model.named_parameters()``. A parameter that took no part
-        in the loss gets zeros (stored as one broadcast element).
+        in the loss gets zeros (stored as one broadcast element). ``check``: run the consistency
+        check on this batch (default: the engine's ``check``); samplers pass False on the steps
+        between their spot checks (`vr_mcmc.estimators.base.Estimator.spot_check_due`).
         """
         if not self.parameter_names:
             return {}
@@ -384,7 +388,7 @@ class PerExampleGradients:
         for name, p in self.parameter_names.items():
             reps = per_param.get(id(p))
             out[name] = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
-        if self.check:
+        if self.check if check is None else check:
             try:
                 self._consistency.run(
                     out, self.parameter_names, self._param_grads,
