@@ -33,13 +33,8 @@ import torch.nn.functional as F
 import torch_sample
 import vr_mcmc
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chain_memory import rss_mb  # one RSS reading for both memory benchmarks
 
 
 class Watch:

@@ -252,7 +252,31 @@ def _shutdown(iterator: Any) -> None:
         shutdown()
 
 
-class IterableBatches:
+class _Batches:
+    """What the chain runner needs of a batch source over iterable data: the state (epoch, position of the next
+    batch), resumed by reopening the iterator there, and a close that stops a DataLoader's workers."""
+
+    epoch: int
+    position: int
+    _iter: Iterator | None
+
+    def full_batch(self) -> tuple:
+        raise TypeError("closure samplers need the whole data at every step: pass tensors or a map-style dataset")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.close()
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def close(self) -> None:
+        if self._iter is not None:
+            _shutdown(self._iter)
+        self._iter = None
+
+
+class IterableBatches(_Batches):
     """Any other iterable of ``(idx, *batch)``: a pass is an epoch, started with torch's CPU RNG (and a
     DataLoader's generator) seeded by (chain seed, epoch). State: (epoch, batches used in it); a resume replays
     the epoch's first batches, loading and dropping them, outside the chain's own RNG."""
@@ -304,20 +328,9 @@ class IterableBatches:
         self.position += 1
         return split_batch(batch, self.num_data)
 
-    def full_batch(self) -> tuple:
-        raise TypeError("closure samplers need the whole data at every step: pass tensors or a map-style dataset")
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.close()
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
     def close(self) -> None:
-        if self._iter is not None:
-            _shutdown(self._iter)
-        self._iter, self._pending = None, []
+        super().close()
+        self._pending = []
 
 
 def _batch_seed(seed: int, epoch: int, position: int) -> int:
@@ -385,7 +398,7 @@ class _ChainBatchSampler:
             epoch, position = epoch + 1, 0
 
 
-class LoaderBatches:
+class LoaderBatches(_Batches):
     """A DataLoader whose batch sampler is ours: the chain's batches come from its `IndexStream` / `BlockStream`
     (as for tensors), each loaded with its own seed (`SeededItems`) by a copy of the loader that lives as long as
     the chain (its workers start once, and once more on a resume, which starts at the saved batch). State:
@@ -427,20 +440,6 @@ class LoaderBatches:
             self.epoch, self.position = self.epoch + 1, 0
         return split_batch(batch, self.num_data)
 
-    def full_batch(self) -> tuple:
-        raise TypeError("closure samplers need the whole data at every step: pass tensors or a map-style dataset")
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.close()
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def close(self) -> None:
-        if self._iter is not None:
-            _shutdown(self._iter)
-        self._iter = None
 
 
 def batch_source(data: Any, sampler: Any, batch_size: int | None, seed: int) -> Any:

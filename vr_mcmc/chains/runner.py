@@ -75,18 +75,23 @@ class ChainRunner:
         state = None
         if self.ckpt_path.exists():
             state = load_checkpoint(self.ckpt_path)
-            self.model.load_state_dict(state["model"])
-            self.sampler.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
-            self.stream.load_state_dict(state["stream"])
-            self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
-            self.grad_evals = state.get("grad_evals", 0.0)
-            self.index = state["index"]
+            self.restore(state)
             verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
             self.files[kind].drop_from(self.blocks[kind])
         if self.param_files is not None:
             self.param_files.resume(None if state is None else state.get("params"))
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Puts the chain where checkpoint ``state`` left it: model, sampler, torch's RNG, the batch stream and the
+        counters (steps, blocks, time, gradient evaluations, the block index)."""
+        self.model.load_state_dict(state["model"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
+        self.grad_evals = state.get("grad_evals", 0.0)
+        self.index = state["index"]
 
     def flush(self) -> None:
         """Writes the buffered draws as blocks."""

@@ -149,14 +149,7 @@ class DataParallelRunner(ChainRunner):
         common = set.intersection(*(set(s) for s in every)) if every else set()
         step = max(common, default=0)
         if step:
-            state = load_checkpoint(saved[step])
-            self.model.load_state_dict(state["model"])
-            self.sampler.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
-            self.stream.load_state_dict(state["stream"])
-            self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
-            self.grad_evals = state.get("grad_evals", 0.0)
-            self.index = state["index"]
+            self.restore(load_checkpoint(saved[step]))
             if saved[step] == self.prev_path:  # the newer one is a step the other ranks never reached
                 os.replace(self.prev_path, self.ckpt_path)
         if self.comm.rank == 0:
