@@ -70,15 +70,15 @@ def test_nuts_hands_over_the_average_of_the_last_50_steps():
 
 @pytest.mark.parametrize("tuning, low, high", [("stan", 0.82, 0.97), ("calm", 0.75, 0.85)])
 def test_realized_acceptance_after_each_warmup_end(tuning, low, high):
-    """On a 10-D Gaussian of scales 1…3, 4 chains × 600 draws after 400 warmup steps: Stan's end hands over an
+    """On a 10-D Gaussian of scales 1…3, 2 chains × 600 draws after 400 warmup steps: Stan's end hands over an
     averaged step below the root of acceptance = 0.8 (the acceptance falls steeply past it, and the average of log ε
     over a noisy phase sits low), so the realized acceptance runs above the target, as in Stan and NumPyro (0.86–0.91
     measured on eight schools); the calm end puts it on the target. The chains' mean acceptance has a standard error
-    of ~0.005 here, the bands are > 4 of them wide on each side of the values measured (stan 0.87, calm 0.81):
-    each end fails the other's band."""
+    of ~0.006 here (the chains' means spread by 0.007–0.009), the bands are > 6 of them wide on each side of the
+    values measured (stan 0.865, calm 0.810): each end fails the other's band."""
     scales = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
     means = []
-    for chain in range(4):
+    for chain in range(2):
         g = torch.Generator().manual_seed(chain)
         theta = (torch.randn(10, generator=g, dtype=torch.float64) * scales).requires_grad_(True)
         nuts = torch_sample.NUTS([theta], lr=0.5, generator=g, step_size_tuning=tuning)
