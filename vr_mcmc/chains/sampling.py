@@ -21,6 +21,7 @@ from .parallel import check_main_guard, run_parallel
 from .preflight import preflight
 from .runner import run_chain
 from .stream import as_data
+from .vectorized import run_vectorized
 
 __all__ = ["SMALL_MODEL", "sample"]
 
@@ -29,6 +30,7 @@ __all__ = ["SMALL_MODEL", "sample"]
 # shared with other jobs (`python benchmarks/threads.py`, SAGA-LD): MLP 64-32-10, B=32: 2.5 ms a step on one
 # thread, 11.4 ms on two; MLP 784-512-512-10 (670k parameters), B=128: 35 ms vs 287 ms.
 SMALL_MODEL = 1_000_000
+CHAIN_METHODS = ("sequential", "parallel", "vectorized")
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -58,6 +60,7 @@ def sample(
     progress: bool = True,
     save_warmup: bool = False,
     num_threads: int | None = None,
+    max_vectorized: int | None = None,
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
@@ -92,8 +95,13 @@ def sample(
     _check_int("seed", seed, 0)
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
-    if chain_method not in ("sequential", "parallel"):
-        raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+    if max_vectorized is not None:
+        _check_int("max_vectorized", max_vectorized, 1)
+        if chain_method != "vectorized":
+            raise ValueError(f"max_vectorized={max_vectorized} caps the chains of chain_method='vectorized'; "
+                             f"this run's chain_method is {chain_method!r}")
     if chain_method == "parallel":
         check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
@@ -113,7 +121,8 @@ def sample(
                 num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
                 log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
-                parallel=chain_method == "parallel", threads=num_threads)
+                parallel=chain_method == "parallel", threads=num_threads,
+                vectorized=chain_method == "vectorized", max_vectorized=max_vectorized)
     try:
         fingerprint = preflight(spec, num_data, observed)
         if spec["threads"] is None:
@@ -165,9 +174,17 @@ def _run_chains(spec: dict[str, Any]) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            if spec.get("vectorized"):
+                if spec.get("threads"):
+                    torch.set_num_threads(spec["threads"])
+                return run_vectorized(spec)
             return [run_chain(spec, c) for c in range(spec["num_chains"])]
     finally:
         torch.set_num_threads(threads)  # run_chain sets spec["threads"]: the caller's setting comes back
+
+
+def _method(spec: dict[str, Any]) -> str:
+    return "parallel" if spec["parallel"] else "vectorized" if spec.get("vectorized") else "sequential"
 
 
 def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[str, np.ndarray],
@@ -177,7 +194,7 @@ def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[
     checkpoint directory, where a call with the same arguments resumes; None without ``checkpoint=``)."""
     directory = Path(spec["directory"])
     attrs = {"sampling_time": wall, "tuning_steps": spec["num_warmup"], "num_chains": spec["num_chains"],
-             "thin": spec["thin"], "chain_method": "parallel" if spec["parallel"] else "sequential"}
+             "thin": spec["thin"], "chain_method": _method(spec)}
     drawn = any(ChainBlocks(directory, c, w).paths() for c in range(spec["num_chains"]) for w in (False, True))
     try:
         partial = in_memory(directory, spec["num_chains"], attrs, observed, partial=True) if drawn else None

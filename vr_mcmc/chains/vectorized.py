@@ -1,0 +1,230 @@
+"""Vectorized chains (``chain_method="vectorized"``, DESIGN.md §13): C chains whose losses and gradients are one
+batched computation (`batched.BatchedGradients`), each otherwise the chain a sequential run makes.
+
+Each chain is built, seeded, resumed and checkpointed exactly as in a sequential run (a `runner.ChainRunner` per
+chain: its model, sampler, batch stream, draw blocks and checkpoint file). The chains' parameters are then moved
+into stacked tensors with a leading chain dimension, each chain's ``nn.Parameter`` becoming a view of its slice, so
+the batched forward reads them without a copy and each sampler's in-place update writes into them. Per step: every
+chain draws its own batch from its own stream, one vmapped computation gives every chain's loss, batch gradient
+(written into that chain's ``.grad``) and, for estimators that use them (SAGA's table, the ``noise_ratio``
+diagnostic), its per-example gradients, served to its estimator by an `_EngineView`; then each chain's sampler
+steps with the torch RNG state that chain would have in a sequential run (swapped in and out), so chain c draws
+the same noise as sequential chain c. SVRG-LD / SGLD-CV call their closure a second time at the centre: that
+evaluation runs on the chain's own model (not batched). With ``max_vectorized=k`` groups of at most k chains run
+one after another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .batched import BatchedGradients, VectorizeError
+from .runner import ChainRunner, _postfix, _progress, is_closure_sampler
+
+__all__ = ["VectorizeError", "check_vectorizable", "run_vectorized"]
+
+SEQUENTIAL = 'run these chains with chain_method="sequential" (or "parallel")'
+
+
+class _EngineView:
+    """What an estimator reads of its per-example engine (`vr_mcmc.per_example.PerExampleGradients`), served from
+    the batched computation of the current step: ``collect()``, ``batch_gradients()``, ``parameter_names``."""
+
+    check = False  # the representations are exact by construction (torch.func), no consistency probes needed
+
+    def __init__(self, parameter_names: Mapping[str, torch.nn.Parameter], loss_reduction: str):
+        self.parameter_names = dict(parameter_names)
+        self.loss_reduction = loss_reduction
+        self.reps: dict[str, Any] | None = None
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def collect(self) -> dict[str, Any]:
+        from ..per_example import PerExampleError
+
+        if self.reps is None:
+            raise PerExampleError("no per-example gradients for this step (vectorized chains)")
+        return dict(self.reps)
+
+    def batch_gradients(self) -> dict[str, torch.Tensor]:
+        return dict(self.grads)
+
+
+class _VectorChainRunner(ChainRunner):
+    """A chain of a vectorized group: its checkpoint clones the model's tensors (views of the stacked parameters,
+    which torch.save would otherwise write whole)."""
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+def check_vectorizable(sampler: Any) -> None:
+    """Refuses, before any draw, a sampler the vectorized driver cannot run."""
+    if is_closure_sampler(sampler):
+        raise VectorizeError(f"chain_method='vectorized' does not run {type(sampler).__name__} yet (closure samplers: "
+                             f"ULA, MALA, HMC, NUTS): {SEQUENTIAL}")
+    table = getattr(getattr(sampler, "estimator", None), "table", None)
+    if getattr(table, "partition", None) is not None:
+        raise VectorizeError("chain_method='vectorized' does not run partitioned gradient tables (block_size=k): the "
+                             f"chains' block batches may differ in size; {SEQUENTIAL}")
+
+
+def run_vectorized(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs (or resumes) every chain of ``spec`` in groups of at most ``spec['max_vectorized']``; their summaries."""
+    size = spec.get("max_vectorized") or spec["num_chains"]
+    chains = list(range(spec["num_chains"]))
+    summaries: list[dict[str, Any]] = []
+    for start in range(0, len(chains), size):
+        summaries += VectorizedGroup(spec, chains[start : start + size]).run()
+    return summaries
+
+
+class VectorizedGroup:
+    """Chains ``chains`` of the run ``spec``, stepped together."""
+
+    def __init__(self, spec: dict[str, Any], chains: list[int]):
+        self.spec, self.chains = spec, chains
+        self.runners: list[ChainRunner] = []
+        self.rng: list[torch.Tensor] = []  # each chain's torch RNG state between its steps
+        for c in chains:
+            runner = _VectorChainRunner(spec, c)  # seeds the global RNG with the chain's seed, as sequential
+            check_vectorizable(runner.sampler)
+            runner.resume()  # restores the chain's RNG state if it has a checkpoint
+            self.runners.append(runner)
+            self.rng.append(torch.get_rng_state())
+        first = self.runners[0]
+        self.names = [n for n, p in first.model.named_parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[]):
+            template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
+        self.gradients = BatchedGradients(template, spec["loss_fn"], self.names, first.sampler.loss_reduction)
+        self.trainable, self.fixed = self._stack()
+        self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
+        self.per_example = any(v is not None for v in self.views)
+
+    def _stack(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Moves the chains' parameters into [C, ...] tensors; each chain's parameter becomes a view of its slice."""
+        trainable, fixed = {}, {}
+        params = [dict(r.model.named_parameters()) for r in self.runners]
+        for name, p in params[0].items():
+            stacked = torch.stack([ps[name].detach() for ps in params])
+            for k, ps in enumerate(params):
+                ps[name].data = stacked[k]
+            (trainable if p.requires_grad else fixed)[name] = stacked
+        for name, _ in self.runners[0].model.named_buffers():
+            fixed[name] = torch.stack([dict(r.model.named_buffers())[name] for r in self.runners])
+        return trainable, fixed
+
+    def _attach_view(self, runner: ChainRunner) -> _EngineView | None:
+        """Gives the chain's estimator per-example gradients from the batched computation, where it uses them."""
+        estimator = getattr(runner.sampler, "estimator", None)
+        engine = getattr(estimator, "engine", None)
+        if engine is None or estimator.needs_closure:  # closure estimators keep their engine: their model runs
+            return None
+        view = _EngineView(engine.parameter_names, runner.sampler.loss_reduction)
+        estimator.engine = view
+        return view
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def _batches(self, active: list[int]) -> tuple[list[torch.Tensor | None], tuple]:
+        """Each active chain's next batch indices (its own stream); the chains' batches stacked [C, B, ...] (an
+        inactive chain, one already further on after a resume, computes on an active one's batch, unused)."""
+        indices: list[torch.Tensor | None] = [None] * len(self.runners)
+        for k in active:
+            indices[k] = self.runners[k].stream.next()
+        fill = indices[active[0]]
+        fetch = self.runners[0].fetch
+        parts = [fetch(i if i is not None else fill) for i in indices]
+        return indices, tuple(torch.stack(ts) for ts in zip(*parts))
+
+    def _compute(self, batch: tuple) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
+        try:
+            with torch.enable_grad():
+                return self.gradients.compute(self.trainable, self.fixed, batch, self.per_example)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            if isinstance(exc, VectorizeError):
+                raise
+            raise VectorizeError(_why(exc)) from exc
+
+    def advance(self, active: list[int]) -> None:
+        indices, batch = self._batches(active)
+        loss, grads, reps = self._compute(batch)
+        for k in active:
+            runner = self.runners[k]
+            named = dict(runner.model.named_parameters())
+            for n in self.names:
+                named[n].grad = grads[n][k]
+            view = self.views[k]
+            if view is not None:
+                view.reps = None if reps is None else reps[k]
+                view.grads = {n: grads[n][k] for n in self.names}
+            torch.set_rng_state(self.rng[k])
+            sampler, idx = runner.sampler, indices[k]
+            if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
+                # SVRG-LD / SGLD-CV: the chain's own closure (its engine reads that pass's hooks), as sequential
+                sampler.step(runner.batch_closure(tuple(t[k] for t in batch)), indices=idx)
+            else:
+                sampler.step(indices=idx, loss=loss[k].detach())
+            self.rng[k] = torch.get_rng_state()
+            runner.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
+
+    # -- the group ---------------------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        spec = self.spec
+        num_warmup, total, every = spec["num_warmup"], self.runners[0].total, spec["checkpoint_every"]
+        bar = _progress(spec, self.chains[0], total, min(r.step for r in self.runners))
+        for r in self.runners:
+            r.start_time = time.perf_counter()
+        try:
+            while True:
+                pending = [r.step for r in self.runners if r.step < total]
+                if not pending:
+                    break
+                now = min(pending)
+                active = [k for k, r in enumerate(self.runners) if r.step == now]
+                self.advance(active)
+                for k in active:
+                    runner = self.runners[k]
+                    runner.step += 1
+                    step = runner.step
+                    runner.keep()
+                    if step % (every * runner.thin) == 0 or step == total or (step == num_warmup and num_warmup > 0):
+                        torch.set_rng_state(self.rng[k])  # the checkpoint saves the chain's own RNG state
+                        runner.flush_and_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+                    if (now + 1) % 20 == 0:
+                        bar.set_postfix_str(_postfix(self.runners[0].sampler.stats), refresh=False)
+        except BaseException:
+            for runner in self.runners:  # keep the draws made since the last block (for the partial result)
+                with contextlib.suppress(Exception):
+                    runner.flush()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [{"chain": r.chain, "elapsed": r.elapsed + time.perf_counter() - r.start_time, "index": r.index}
+                for r in self.runners]
+
+
+def _why(exc: BaseException) -> str:
+    """The vectorized driver's error for a model or loss that torch.vmap cannot batch, naming the likely cause."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "data-dependent control flow" in low or "is_nonzero" in low or "item()" in low or ".item" in low:
+        cause = "data-dependent Python control flow (an `if` or `.item()` on a tensor's value) in the model or loss"
+    elif "inplace" in low or "in-place" in low or "in place" in low:
+        cause = ("an in-place update of a buffer or parameter in the forward (e.g. BatchNorm in training mode "
+                 "updating its running statistics)")
+    elif "random" in low:
+        cause = "random operations in the forward (e.g. dropout in training mode)"
+    else:
+        cause = "an operation torch.vmap cannot batch"
+    return (f"chain_method='vectorized' cannot run this model and loss as one batched computation over the chains: "
+            f"{cause} ({text.splitlines()[0]}); {SEQUENTIAL}")
+
