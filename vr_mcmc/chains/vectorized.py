@@ -3,7 +3,8 @@ batched computation (`batched.BatchedGradients`), each otherwise the chain a seq
 
 Each chain is built, seeded, resumed and checkpointed exactly as in a sequential run (a `runner.ChainRunner` per
 chain: its model, sampler, batch stream, draw blocks and checkpoint file). The chains' parameters are then moved
-into stacked tensors with a leading chain dimension, each chain's ``nn.Parameter`` becoming a view of its slice, so
+into stacked tensors with a leading chain dimension, each chain's ``nn.Parameter`` (and buffer) becoming a view of
+its slice, so
 the batched forward reads them without a copy and each sampler's in-place update writes into them. Per step: every
 chain draws its own batch from its own stream, one vmapped computation gives every chain's loss, batch gradient
 (written into that chain's ``.grad``) and, for estimators that use them (SAGA's table, the ``noise_ratio``
@@ -114,8 +115,13 @@ class VectorizedGroup:
             for k, ps in enumerate(params):
                 ps[name].data = stacked[k]
             (trainable if p.requires_grad else fixed)[name] = stacked
-        for name, _ in self.runners[0].model.named_buffers():
-            fixed[name] = torch.stack([dict(r.model.named_buffers())[name] for r in self.runners])
+        # buffers too: an in-place update in the batched forward (BatchNorm's running statistics) reaches each chain
+        buffers = [dict(r.model.named_buffers()) for r in self.runners]
+        for name in buffers[0]:
+            stacked = torch.stack([bs[name] for bs in buffers])
+            for k, bs in enumerate(buffers):
+                bs[name].data = stacked[k]
+            fixed[name] = stacked
         return trainable, fixed
 
     def _attach_view(self, runner: ChainRunner) -> _EngineView | None:
