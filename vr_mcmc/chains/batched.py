@@ -100,19 +100,22 @@ class BatchedGradients:
         return {f"model.{k}": v for k, v in params.items()}
 
     def compute(self, trainable: Mapping[str, torch.Tensor], fixed: Mapping[str, torch.Tensor], batch: tuple,
-                per_example: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict[str, Any]] | None]:
+                per_example: bool, shared: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict[str, Any]] | None]:
         """(loss [C], {name: gradient [C, *shape]}, per chain {name: representation} or None).
 
         ``trainable``/``fixed``: stacked [C, ...] tensors (parameters with gradients; frozen parameters and
-        buffers); ``batch``: the chains' batches stacked [C, B, ...]."""
-        if per_example and self.factored:
+        buffers); ``batch``: the chains' batches stacked [C, B, ...], or with ``shared`` one batch [B, ...] that
+        every chain sees (the full data of the closure samplers)."""
+        if per_example and self.factored and not shared:
             return self._factored(trainable, fixed, batch)
         module = self.module
 
         def loss(p: dict, f: dict, b: tuple) -> torch.Tensor:
             return functional_call(module, (self._params(p), self._params(f)), (b,))
 
-        grads, value = vmap(grad_and_value(loss))(dict(trainable), dict(fixed), batch)
+        grads, value = vmap(grad_and_value(loss), in_dims=(0, 0, None if shared else 0))(
+            dict(trainable), dict(fixed), batch)
         reps = None
         if per_example:
             def one(p: dict, f: dict, example: tuple) -> dict:

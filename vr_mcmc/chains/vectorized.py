@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .batched import BatchedGradients, VectorizeError
-from .runner import ChainRunner, _postfix, _progress, is_closure_sampler
+from .lockstep import ChainThread
+from .runner import ChainRunner, _postfix, _progress
 
 __all__ = ["VectorizeError", "check_vectorizable", "run_vectorized"]
 
@@ -65,9 +66,6 @@ class _VectorChainRunner(ChainRunner):
 
 def check_vectorizable(sampler: Any) -> None:
     """Refuses, before any draw, a sampler the vectorized driver cannot run."""
-    if is_closure_sampler(sampler):
-        raise VectorizeError(f"chain_method='vectorized' does not run {type(sampler).__name__} yet (closure samplers: "
-                             f"ULA, MALA, HMC, NUTS): {SEQUENTIAL}")
     table = getattr(getattr(sampler, "estimator", None), "table", None)
     if getattr(table, "partition", None) is not None:
         raise VectorizeError("chain_method='vectorized' does not run partitioned gradient tables (block_size=k): the "
@@ -101,10 +99,16 @@ class VectorizedGroup:
         self.names = [n for n, p in first.model.named_parameters() if p.requires_grad]
         with torch.random.fork_rng(devices=[]):
             template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
-        self.gradients = BatchedGradients(template, spec["loss_fn"], self.names, first.sampler.loss_reduction)
+        self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
+                                          getattr(first.sampler, "loss_reduction", "mean"))
         self.trainable, self.fixed = self._stack()
         self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         self.per_example = any(v is not None for v in self.views)
+        self.closure_sampler = first.closure_sampler
+        self.threads: list[ChainThread] = []
+        if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
+            self.full_batch = first.fetch(torch.arange(first.num_data))
+            self.threads = [ChainThread(f"vr_mcmc chain {c}") for c in chains]
 
     def _stack(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Moves the chains' parameters into [C, ...] tensors; each chain's parameter becomes a view of its slice."""
@@ -157,6 +161,9 @@ class VectorizedGroup:
             raise VectorizeError(_why(exc)) from exc
 
     def advance(self, active: list[int]) -> None:
+        if self.closure_sampler:
+            self._advance_closure(active)
+            return
         indices, batch = self._batches(active)
         loss, grads, reps = self._compute(batch)
         for k in active:
@@ -178,14 +185,49 @@ class VectorizedGroup:
             self.rng[k] = torch.get_rng_state()
             runner.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
 
+    def _advance_closure(self, active: list[int]) -> None:
+        """One step of closure samplers (ULA, MALA, HMC, NUTS): each chain's own step in its thread
+        (`lockstep`); each round evaluates every chain parked in its closure with one batched computation."""
+        state: dict[int, str] = {}
+        for k in active:
+            runner, thread = self.runners[k], self.threads[k]
+            torch.set_rng_state(self.rng[k])
+            state[k] = thread.start(lambda s=runner.sampler, t=thread: s.step(t.closure))
+            self.rng[k] = torch.get_rng_state()
+        while True:
+            waiting = [k for k in active if state[k] == "eval"]
+            if not waiting:
+                break
+            try:
+                with torch.enable_grad():
+                    loss, grads, _ = self.gradients.compute(self.trainable, self.fixed, self.full_batch, False,
+                                                            shared=True)
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                raise VectorizeError(_why(exc)) from exc
+            for k in waiting:
+                named = dict(self.runners[k].model.named_parameters())
+                for n in self.names:
+                    named[n].grad = grads[n][k]
+                torch.set_rng_state(self.rng[k])
+                state[k] = self.threads[k].answer(loss[k].detach())
+                self.rng[k] = torch.get_rng_state()
+        for k in active:
+            self.runners[k].grad_evals += float(self.runners[k].sampler.stats.get("grad_evals", float("nan")))
+
     # -- the group ---------------------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
         spec = self.spec
         num_warmup, total, every = spec["num_warmup"], self.runners[0].total, spec["checkpoint_every"]
         bar = _progress(spec, self.chains[0], total, min(r.step for r in self.runners))
-        for r in self.runners:
+        # ULA has no acceptance rate to adapt its step size to
+        adapting = self.closure_sampler and num_warmup > 0 and self.runners[0].sampler.adapts_step_size
+        for k, r in enumerate(self.runners):
             r.start_time = time.perf_counter()
+            if r.step == 0 and adapting:
+                torch.set_rng_state(self.rng[k])
+                r.sampler.adapt(True, num_warmup=num_warmup)
+                self.rng[k] = torch.get_rng_state()
         try:
             while True:
                 pending = [r.step for r in self.runners if r.step < total]
@@ -198,6 +240,10 @@ class VectorizedGroup:
                     runner = self.runners[k]
                     runner.step += 1
                     step = runner.step
+                    if adapting and step == num_warmup:
+                        torch.set_rng_state(self.rng[k])
+                        runner.sampler.adapt(False)
+                        self.rng[k] = torch.get_rng_state()
                     runner.keep()
                     if step % (every * runner.thin) == 0 or step == total or (step == num_warmup and num_warmup > 0):
                         torch.set_rng_state(self.rng[k])  # the checkpoint saves the chain's own RNG state
@@ -212,6 +258,9 @@ class VectorizedGroup:
                     runner.flush()
             raise
         finally:
+            for thread in self.threads:
+                with contextlib.suppress(Exception):
+                    thread.close()
             if bar is not None:
                 bar.close()
         return [{"chain": r.chain, "elapsed": r.elapsed + time.perf_counter() - r.start_time, "index": r.index}
