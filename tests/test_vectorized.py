@@ -144,15 +144,18 @@ class _Interrupting:
         return loss_fn(model, batch)
 
 
-@pytest.mark.parametrize("sampler_fn", [sgld, sagald], ids=lambda f: f.__name__)
-def test_vectorized_resume_is_exact(tmp_path, sampler_fn):
-    """Interrupted after 31 steps (checkpoints every 10 draws), then called again: bit-identical to an
-    uninterrupted vectorized run, including the SAGA tables, noise generators and batch streams."""
+@pytest.mark.parametrize(("sampler_fn", "after"), [(sgld, 32), (sagald, 32), ("hmc", 150)],
+                         ids=["sgld", "sagald", "hmc"])
+def test_vectorized_resume_is_exact(tmp_path, sampler_fn, after):
+    """Interrupted after ``after`` batched evaluations (a step of SGLD is one, of HMC ~5; checkpoints every 10
+    draws), then called again: bit-identical to an uninterrupted vectorized run, including the SAGA tables, HMC's
+    adaptation, the RNG states and batch streams."""
+    sampler_fn = hmc if sampler_fn == "hmc" else sampler_fn
     options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
                    checkpoint_every=10, chain_method="vectorized")
     whole = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
     with pytest.raises(KeyboardInterrupt) as info:
-        vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
+        vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(after), (X, Y), checkpoint=tmp_path / "cut", **options)
     assert info.value.partial.posterior.sizes["draw"] >= 20  # the draws made before are kept
     resumed = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
     assert_same_draws(whole.load() if hasattr(whole, "load") else whole, resumed, exact=True)

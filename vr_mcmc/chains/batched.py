@@ -136,20 +136,20 @@ class BatchedGradients:
             if many:  # a layer called twice would need its probes summed per call: take the dense path
                 self.factored = False
                 return self.compute(trainable, fixed, batch, True)
-        c = next(iter(trainable.values())).shape[0]
-        zeros = {n: torch.zeros((c, *s), dtype=trainable[f"{n}.weight" if n else "weight"].dtype,
+        c, b = next(iter(trainable.values())).shape[0], batch[0].shape[1]
+        # a layer's output is [B, ..., d_out] (the batch in dimension 0, as the engine requires)
+        zeros = {n: torch.zeros((c, b, *s[1:]), dtype=trainable[f"{n}.weight" if n else "weight"].dtype,
                                 device=next(iter(trainable.values())).device)
                  for n, s in probes.shapes.items()}
 
-        def loss(p: dict, f: dict, z: dict, b: tuple) -> tuple[torch.Tensor, tuple[torch.Tensor, dict]]:
+        def loss(p: dict, f: dict, z: dict, x: tuple) -> tuple[torch.Tensor, tuple[torch.Tensor, dict]]:
             with probes.capture(z):
-                value = functional_call(module, (self._params(p), self._params(f)), (b,))
+                value = functional_call(module, (self._params(p), self._params(f)), (x,))
                 inputs = dict(probes.inputs)
             return value, (value, inputs)
 
         (grads, dz), (value, inputs) = vmap(grad(loss, argnums=(0, 2), has_aux=True))(
             dict(trainable), dict(fixed), zeros, batch)
-        b = batch[0].shape[1]
         scale = b if self.loss_reduction == "mean" else 1
         reps: list[dict[str, PerExampleGradient]] = []
         for k in range(c):

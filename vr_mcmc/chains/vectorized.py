@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 from .batched import BatchedGradients, VectorizeError
+from torch_sample.vectorized import fits as langevin_fits
+from torch_sample.vectorized import langevin_step
+
 from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
 
@@ -103,8 +106,15 @@ class VectorizedGroup:
                                           getattr(first.sampler, "loss_reduction", "mean"))
         self.trainable, self.fixed = self._stack()
         self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
-        self.per_example = any(v is not None for v in self.views)
         self.closure_sampler = first.closure_sampler
+        data = spec["data"]
+        self.tensor_data = isinstance(data, torch.Tensor) or (
+            isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data))
+        # plain SGLD chains: one stacked update (torch_sample.vectorized) instead of C sampler steps
+        self.fast = all(langevin_fits(r.sampler) for r in self.runners)
+        if self.fast:
+            index = {id(p): n for n, p in first.model.named_parameters()}
+            self.order = [index[id(p)] for p in first.sampler.param_groups[0]["params"]]
         self.threads: list[ChainThread] = []
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
             self.full_batch = first.fetch(torch.arange(first.num_data))
@@ -147,14 +157,29 @@ class VectorizedGroup:
         for k in active:
             indices[k] = self.runners[k].stream.next()
         fill = indices[active[0]]
+        filled = [i if i is not None else fill for i in indices]
         fetch = self.runners[0].fetch
-        parts = [fetch(i if i is not None else fill) for i in indices]
+        if self.tensor_data:  # one gather of [C, B] indices
+            return indices, fetch(torch.stack(filled))
+        parts = [fetch(i) for i in filled]
         return indices, tuple(torch.stack(ts) for ts in zip(*parts))
 
-    def _compute(self, batch: tuple) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
+    def _per_example(self, active: list[int]) -> bool:
+        """Whether an active chain's estimator reads per-example gradients this step: a table (SAGA) always, the
+        ``noise_ratio`` diagnostic on the steps its sampler measures it (``noise_ratio_every``)."""
+        for k in active:
+            if self.views[k] is None:
+                continue
+            sampler = self.runners[k].sampler
+            every = getattr(sampler, "noise_ratio_every", 1)
+            if hasattr(sampler.estimator, "table") or (every and sampler._steps % every == 0):
+                return True
+        return False
+
+    def _compute(self, batch: tuple, per_example: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
         try:
             with torch.enable_grad():
-                return self.gradients.compute(self.trainable, self.fixed, batch, self.per_example)
+                return self.gradients.compute(self.trainable, self.fixed, batch, per_example)
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             if isinstance(exc, VectorizeError):
                 raise
@@ -165,7 +190,15 @@ class VectorizedGroup:
             self._advance_closure(active)
             return
         indices, batch = self._batches(active)
-        loss, grads, reps = self._compute(batch)
+        loss, grads, reps = self._compute(batch, self._per_example(active))
+        if self.fast and len(active) == len(self.runners):
+            samplers = [r.sampler for r in self.runners]
+            made = langevin_step(samplers, [self.trainable[n] for n in self.order], [grads[n] for n in self.order],
+                                 loss.detach(), int(indices[0].numel()), self.rng)
+            if made:
+                for r in self.runners:
+                    r.grad_evals += float(r.sampler.stats["grad_evals"])
+                return
         for k in active:
             runner = self.runners[k]
             named = dict(runner.model.named_parameters())
