@@ -13,8 +13,9 @@ Throughput (one torch thread; the demo's MLP 64-32-10 on the digits, N = 1347): 
 chains, through `vr_mcmc.sample` with a recorded function of the model per draw, for SGLD (B = 32), SAGA-LD
 (B = 32) and HMC (full data, 8 leapfrog steps), relative to one vectorized chain and to one sequential chain; and
 16 sequential chains and 16 chains with chain_method="parallel" (2 worker processes at a time on this 2-core
-machine). A step's time is (t(S2) − t(S1)) / (S2 − S1) for runs of S1 and S2 steps, so the fixed costs (building
-the chains, merging the draws, starting processes) cancel.
+machine). A step's time is (t(S2) − t(S1)) / (S2 − S1) for runs of S1 and S2 steps (medians of ``--repeats``
+interleaved runs, after a warm-up run), so the fixed costs (building the chains, merging the draws, starting
+processes) cancel.
 """
 
 from __future__ import annotations
@@ -84,28 +85,33 @@ def run_time(method: str, chains: int, chain_method: str, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def per_step_ms(method: str, chains: int, chain_method: str, steps: tuple[int, int]) -> float:
-    short = run_time(method, chains, chain_method, steps[0])
-    long = run_time(method, chains, chain_method, steps[1])
-    return (long - short) / (steps[1] - steps[0]) * 1e3
+def per_step_ms(method: str, chains: int, chain_method: str, steps: tuple[int, int], repeats: int) -> float:
+    """(median t(S2) − median t(S1)) / (S2 − S1), the runs interleaved (the load on this shared machine drifts)."""
+    short, long = [], []
+    for _ in range(repeats):
+        short.append(run_time(method, chains, chain_method, steps[0]))
+        long.append(run_time(method, chains, chain_method, steps[1]))
+    return (float(np.median(long)) - float(np.median(short))) / (steps[1] - steps[0]) * 1e3
 
 
-def throughput(chain_counts: list[int], quick: bool) -> dict:
+def throughput(chain_counts: list[int], quick: bool, repeats: int) -> dict:
     out: dict = {}
     for method in METHODS:
         # steps per run, scaled so that a run takes a few seconds on this machine
-        base = {"SGLD": (40, 240), "SAGA-LD": (20, 100), "HMC": (4, 16)}[method]
+        base = {"SGLD": (20, 220), "SAGA-LD": (10, 90), "HMC": (2, 12)}[method]
         if quick:
             base = (base[0] // 2, base[1] // 2)
+        for how in ("sequential", "vectorized"):  # first calls pay one-time costs (imports, torch.func set-up)
+            run_time(method, 2, how, 2)
         res: dict = {}
         for c in chain_counts:
             steps = base if c <= 16 else (max(2, base[0] // 2), max(4, base[1] // 2))
-            res[f"vectorized {c}"] = per_step_ms(method, c, "vectorized", steps)
+            res[f"vectorized {c}"] = per_step_ms(method, c, "vectorized", steps, repeats)
             print(f"{method:8s} vectorized {c:3d} chains: {res[f'vectorized {c}']:9.2f} ms/step", flush=True)
         for label, c, how in (("sequential 1", 1, "sequential"), ("sequential 16", 16, "sequential"),
                               ("parallel 16", 16, "parallel")):
             steps = base if c == 1 else (max(2, base[0] // 2), max(4, base[1] // 2))
-            res[label] = per_step_ms(method, c, how, steps)
+            res[label] = per_step_ms(method, c, how, steps, 1 if how == "parallel" else repeats)
             print(f"{method:8s} {label:17s}: {res[label]:9.2f} ms/step", flush=True)
         out[method] = res
     return out
@@ -162,7 +168,8 @@ def gaussian(quick: bool) -> dict:
         for how, w in runs.items():
             z_mean = [(w[..., d].mean() - mean[d]) / float(az.mcse(w[..., d])) for d in range(BLR_D)]
             sd_ratio = [w[..., d].std() / sd[d] for d in range(BLR_D)]
-            res[how] = {"mean_z": [round(float(z), 2) for z in z_mean], "sd_ratio": [round(float(r), 3) for r in sd_ratio]}
+            res[how] = {"mean_z": [round(float(z), 2) for z in z_mean],
+                        "sd_ratio": [round(float(r), 3) for r in sd_ratio]}
         out[name] = res
         print(f"Gaussian {name}: max |draw difference| {diff:.2e}; " + "; ".join(
             f"{how}: mean z {res[how]['mean_z']}, sd ratio {res[how]['sd_ratio']}" for how in runs), flush=True)
@@ -207,7 +214,8 @@ def reference_posterior(quick: bool) -> dict:
         rows[param] = {"z": round(float(z), 2), "sd_ratio": round(float(ratio), 3), "rhat": round(rhat, 4)}
         if not (z < 4 and abs(ratio - 1) < 0.1 and rhat < 1.01):
             failures.append(param)
-    print(f"eight schools (non-centred), 4 vectorized NUTS chains x {draws}: {wall:.0f} s; failed: {failures or 'none'}")
+    print(f"eight schools (non-centred), 4 vectorized NUTS chains x {draws}: {wall:.0f} s; "
+          f"failed: {failures or 'none'}")
     for param, row in rows.items():
         print(f"  {param:9s} mean off {row['z']:5.2f} MCSE, sd ratio {row['sd_ratio']:.3f}, R-hat {row['rhat']:.4f}")
     return {"params": rows, "failed": failures, "wall_s": wall}
@@ -218,6 +226,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("correctness", "throughput", "all"), default="all")
     parser.add_argument("--chains", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "results" / "vectorized.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -227,7 +236,7 @@ def main() -> None:
         results["gaussian"] = gaussian(args.quick)
         results["reference"] = reference_posterior(args.quick)
     if args.part in ("throughput", "all"):
-        res = throughput(args.chains, args.quick)
+        res = throughput(args.chains, args.quick, args.repeats)
         results["throughput_ms_per_step"] = res
         print("\nper step, relative to one vectorized chain (and to one sequential chain):")
         for method, r in res.items():

@@ -268,3 +268,19 @@ def test_vectorized_closure_sampler_is_the_sequential_chain(sampler_fn):
     if sampler_fn is not ula:  # adaptation ran per chain: the chains end with different step sizes
         sizes = vec.sample_stats["step_size"].values[:, -1]
         assert len(set(sizes.tolist())) == len(sizes)
+
+
+def test_resume_with_chains_at_different_steps(tmp_path):
+    """A checkpoint where one chain is behind the others (here: its files deleted, so it starts again): the chains
+    that are behind step alone until they catch up, then all step together; the result equals an uninterrupted
+    run's."""
+    options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized")
+    whole = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, sgld, _Interrupting(32), (X, Y), checkpoint=cut, **options)
+    for path in cut.glob("*chain_1.*"):
+        path.unlink()
+    resumed = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=cut, **options)
+    assert_same_draws(whole, resumed, exact=True)

@@ -20,9 +20,10 @@ import torch
 from vr_mcmc.estimators.minibatch import Minibatch
 
 from ._shared import gaussian_noise
+from .priors import Flat, Laplace, Normal, Prior
 from .sgld import SGLD
 
-__all__ = ["fits", "langevin_step"]
+__all__ = ["fits", "langevin_step", "log_prob_rows"]
 
 
 def fits(sampler: torch.optim.Optimizer) -> bool:
@@ -34,6 +35,21 @@ def fits(sampler: torch.optim.Optimizer) -> bool:
     diagnosed = sampler.estimator.engine is not None and sampler.noise_ratio_every
     return (not diagnosed and not group["momentum"] and sampler.schedule is None and sampler.check_finite
             and sampler.loss_reduction == "mean" and all(p.requires_grad for p in group["params"]))
+
+
+def log_prob_rows(prior: Prior, param: torch.Tensor) -> torch.Tensor:
+    """[C]: ``prior.log_prob(param[c])`` for each slice c of a stacked parameter, without a loop for the priors of
+    `torch_sample.priors` (the same formulas, summed per slice)."""
+    c, n = param.shape[0], param[0].numel()
+    rows = param.reshape(c, -1)
+    if type(prior) is Normal:
+        z = (rows - prior.mean) / prior.std
+        return -0.5 * (z * z).sum(1) - n * (math.log(prior.std) + 0.5 * math.log(2 * math.pi))
+    if type(prior) is Laplace:
+        return -(rows - prior.loc).abs().sum(1) / prior.scale - n * math.log(2 * prior.scale)
+    if type(prior) is Flat:
+        return rows.new_zeros(c, dtype=torch.promote_types(rows.dtype, torch.float32))
+    return torch.stack([prior.log_prob(param[k]) for k in range(c)])
 
 
 @torch.no_grad()
@@ -53,7 +69,7 @@ def langevin_step(samplers: Sequence[SGLD], params: Sequence[torch.Tensor], grad
         if prior is not None:
             for p, g in zip(params, est):
                 prior.add_grad_(p, g)
-                neg_log_prior -= torch.vmap(prior.log_prob)(p).to(torch.float64)
+                neg_log_prior -= log_prob_rows(prior, p).to(torch.float64)
     else:  # chains with different priors: each its own slice
         for k, prior in enumerate(priors):
             if prior is not None:

@@ -21,12 +21,14 @@ A directory holding another run, or a damaged checkpoint, is refused and left as
 
 Modules, one concept each: `stream` (the data and the minibatch index stream), `blocks` (draw files
 and their merge), `checkpoint` (manifest, per-chain state, the checkpoint directory), `runner` (one
-chain), `parallel` (chains in worker processes), `sampling` (the public `sample`).
+chain), `parallel` (chains in worker processes), `vectorized` (chains as one batched computation; `batched` its
+vmapped loss and gradients, `lockstep` the closure samplers' turns), `sampling` (the public `sample`).
 """
 
+from .batched import VectorizeError
 from .checkpoint import CheckpointError
 from .sampling import sample
 from .stream import IndexStream as _IndexStream  # noqa: F401  (the name before the split; tests use it)
 from .stream import chain_seeds
 
-__all__ = ["CheckpointError", "chain_seeds", "sample"]
+__all__ = ["CheckpointError", "VectorizeError", "chain_seeds", "sample"]

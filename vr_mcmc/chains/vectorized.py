@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .batched import BatchedGradients, VectorizeError
 from torch_sample.vectorized import fits as langevin_fits
 from torch_sample.vectorized import langevin_step
 
+from .batched import BatchedGradients, VectorizeError
 from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
 
