@@ -209,7 +209,12 @@ class _Branching(torch.nn.Module):
         return out if out.sum() > 0 else -out  # data-dependent Python control flow
 
 
-@pytest.mark.parametrize(("net", "cause"), [(_Counting, "in-place update"), (_Branching, "control flow")])
+def _dropout_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize(("net", "cause"), [(_Counting, "in-place update"), (_Branching, "control flow"),
+                                            (_dropout_net, "random operations")])
 def test_unvectorizable_model_is_refused_before_any_draw(net, cause):
     with pytest.raises(VectorizeError, match=cause) as info:
         vr_mcmc.sample(net, sgld, loss_fn, (X, Y), batch_size=10, num_warmup=0, num_samples=5, num_chains=2,
