@@ -70,6 +70,12 @@ def sagald(m):
     return torch_sample.SAGALD(m.parameters(), lr=1e-3, num_data=N, engine=vr_mcmc.PerExampleGradients(m), prior=PRIOR)
 
 
+def sagald_stacked(m):  # without the per-step noise diagnostic: one stacked update of all chains' tables
+    sampler = sagald(m)
+    sampler.noise_ratio_every = 0
+    return sampler
+
+
 def svrgld(m):
     loader, fn = _loader(m)
     return torch_sample.SVRGLD(m.parameters(), lr=1e-3, num_data=N, snapshot_every=7, loader=loader, loss_fn=fn,
@@ -104,7 +110,7 @@ def assert_same_draws(a, b, atol=ATOL, exact=False, stats_tol=1e-5):
                 np.testing.assert_array_equal(x, y, err_msg=f"{group}.{name}")
 
 
-SAMPLERS = [sgld, sgld_diagnosed, sghmc, psgld, sgnht, sagald, svrgld, sgldcv]
+SAMPLERS = [sgld, sgld_diagnosed, sghmc, psgld, sgnht, sagald, sagald_stacked, svrgld, sgldcv]
 
 
 @pytest.mark.parametrize("sampler_fn", SAMPLERS, ids=lambda f: f.__name__)
@@ -144,8 +150,8 @@ class _Interrupting:
         return loss_fn(model, batch)
 
 
-@pytest.mark.parametrize(("sampler_fn", "after"), [(sgld, 32), (sagald, 32), ("hmc", 150)],
-                         ids=["sgld", "sagald", "hmc"])
+@pytest.mark.parametrize(("sampler_fn", "after"), [(sgld, 32), (sagald, 32), (sagald_stacked, 32), ("hmc", 150)],
+                         ids=["sgld", "sagald", "sagald_stacked", "hmc"])
 def test_vectorized_resume_is_exact(tmp_path, sampler_fn, after):
     """Interrupted after ``after`` batched evaluations (a step of SGLD is one, of HMC ~5; checkpoints every 10
     draws), then called again: bit-identical to an uninterrupted vectorized run, including the SAGA tables, HMC's

@@ -1,40 +1,53 @@
-"""One SGLD step of C chains on stacked parameters: what C calls of `SGLD.step` do, as a few tensor operations.
+"""One Langevin step of C chains on stacked parameters: what C calls of `SGLD.step` (or `SAGALD.step`) do, as a
+few tensor operations.
 
-`vr_mcmc.sample(..., chain_method="vectorized")` calls `langevin_step` for chains whose samplers are plain SGLD
-(`fits`): each chain keeps its sampler (its options, step counter, stats, generator, state dict), and its parameters
-are slices of the stacked tensors. Math as `langevin.LangevinSampler`: ∇Ũ = N·∇(batch mean NLL) + ∇(−log p(θ)),
-θ ← θ − h·∇Ũ + √(2hT)·ξ, with each chain's own h, T and prior, and its noise ξ drawn from its own generator (or its
-own state of the torch RNG, given as ``rng``) in the order a sequential step draws it, so each chain's step is the
-step its sampler makes alone, up to float rounding of the batched sums. A step with a non-finite gradient or loss
-in any chain is not made here (False is returned; the caller then steps each sampler itself, which skips and
-counts the divergence as usual).
+`vr_mcmc.sample(..., chain_method="vectorized")` calls `langevin_step` for chains whose samplers are plain SGLD or
+SAGA-LD (`fits`): each chain keeps its sampler (its options, step counter, stats, generator, state dict), and its
+parameters are slices of the stacked tensors. Math as `langevin.LangevinSampler`: ∇Ũ = v + ∇(−log p(θ)) with v
+the estimate of the data term (N·∇(batch mean NLL) for SGLD, SAGA's for SAGA-LD), θ ← θ − h·∇Ũ + √(2hT)·ξ, with
+each chain's own h, T and prior, and its noise ξ drawn from its own generator (or its own state of the torch RNG,
+given as ``rng``) in the order a sequential step draws it, so each chain's step is the step its sampler makes
+alone, up to float rounding of the batched sums. A step with a non-finite gradient or loss in any chain is not
+made here (False is returned; the caller then steps each sampler itself, which skips and counts the divergence as
+usual).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from vr_mcmc.estimators.minibatch import Minibatch
 
 from ._shared import gaussian_noise
+from .langevin import LangevinSampler
 from .priors import Flat, Laplace, Normal, Prior
+from .sagald import SAGALD
 from .sgld import SGLD
 
 __all__ = ["fits", "langevin_step", "log_prob_rows"]
 
 
-def fits(sampler: torch.optim.Optimizer) -> bool:
-    """Whether `langevin_step` makes exactly this sampler's step: SGLD with the minibatch estimate and no
-    per-example diagnostic, no momentum, no schedule, one param group, a mean loss."""
-    if type(sampler) is not SGLD or type(sampler.estimator) is not Minibatch or len(sampler.param_groups) != 1:
-        return False
+def fits(sampler: torch.optim.Optimizer) -> str | None:
+    """Which estimate `langevin_step` can make this sampler's step with ("minibatch": SGLD; "saga": SAGA-LD, its
+    table stacked by `vr_mcmc.estimators.stacked_saga`), or None: it needs the Langevin diffusion with no momentum,
+    no schedule, one param group, a mean loss, and no per-example noise diagnostic (``noise_ratio_every=0``, or no
+    engine for SGLD)."""
+    if len(sampler.param_groups) != 1:
+        return None
     group = sampler.param_groups[0]
-    diagnosed = sampler.estimator.engine is not None and sampler.noise_ratio_every
-    return (not diagnosed and not group["momentum"] and sampler.schedule is None and sampler.check_finite
-            and sampler.loss_reduction == "mean" and all(p.requires_grad for p in group["params"]))
+    plain = (not group["momentum"] and sampler.schedule is None and sampler.check_finite
+             and sampler.loss_reduction == "mean" and all(p.requires_grad for p in group["params"]))
+    if not plain:
+        return None
+    if type(sampler) is SGLD and type(sampler.estimator) is Minibatch:
+        diagnosed = sampler.estimator.engine is not None and sampler.noise_ratio_every
+        return None if diagnosed else "minibatch"
+    if type(sampler) is SAGALD and not sampler.noise_ratio_every:
+        return "saga"
+    return None
 
 
 def log_prob_rows(prior: Prior, param: torch.Tensor) -> torch.Tensor:
@@ -53,15 +66,18 @@ def log_prob_rows(prior: Prior, param: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def langevin_step(samplers: Sequence[SGLD], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                  loss: torch.Tensor, batch_size: int, rng: list[torch.Tensor]) -> bool:
+def langevin_step(samplers: Sequence[LangevinSampler], params: Sequence[torch.Tensor], est: Sequence[torch.Tensor],
+                  loss: torch.Tensor, batch_size: int, rng: list[torch.Tensor],
+                  commit: Callable[[], None] | None = None) -> bool:
     """One step of every chain. ``params[j]``: the stacked [C, ...] tensor of which chain c's j-th parameter (in
-    its param group's order) is slice c; ``grads[j]``: the gradients of the chains' batch mean losses ``loss`` [C];
-    ``rng[c]``: chain c's torch RNG state (used when its sampler has no generator; updated)."""
+    its param group's order) is slice c; ``est[j]``: the estimates of the data term of ∇U (new tensors: the prior's
+    gradient is added in place), from the chains' batch mean losses ``loss`` [C]; ``rng[c]``: chain c's torch RNG
+    state (used when its sampler has no generator; updated). ``commit``: called once the step is known finite,
+    before the update (the estimator's own state change, e.g. SAGA's table update)."""
     c = loss.shape[0]
     groups = [s.param_groups[0] for s in samplers]
     num_data = samplers[0].num_data
-    est = [g.mul(num_data) for g in grads]  # Minibatch: N·∇(batch mean)
+    est = list(est)
     neg_log_prior = torch.zeros(c, dtype=torch.float64)
     priors = [g["prior"] for g in groups]
     if all(p == priors[0] for p in priors):
@@ -80,6 +96,8 @@ def langevin_step(samplers: Sequence[SGLD], params: Sequence[torch.Tensor], grad
     norms = torch.stack([g.reshape(c, -1).norm(dim=1) for g in est]).sum(0) + loss.detach() * 0
     if not bool(torch.isfinite(norms).all()):
         return False
+    if commit is not None:
+        commit()
     lrs = [float(g["lr"]) for g in groups]
     scales = [math.sqrt(2.0 * h * g["temperature"]) if g["temperature"] > 0 else 0.0 for h, g in zip(lrs, groups)]
     noise: list[list[torch.Tensor]] = [[] for _ in params]

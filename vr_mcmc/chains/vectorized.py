@@ -27,6 +27,8 @@ import torch
 from torch_sample.vectorized import fits as langevin_fits
 from torch_sample.vectorized import langevin_step
 
+from ..estimators.stacked_saga import StackedSAGA
+from ..estimators.stacked_saga import fits as saga_fits
 from .batched import BatchedGradients, VectorizeError
 from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
@@ -111,7 +113,9 @@ class VectorizedGroup:
         self.tensor_data = isinstance(data, torch.Tensor) or (
             isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data))
         # plain SGLD chains: one stacked update (torch_sample.vectorized) instead of C sampler steps
-        self.fast = all(langevin_fits(r.sampler) for r in self.runners)
+        kinds = {langevin_fits(r.sampler) for r in self.runners}
+        self.fast = kinds.pop() if len(kinds) == 1 else None
+        self.stacked_saga: StackedSAGA | None = None
         if self.fast:
             index = {id(p): n for n, p in first.model.named_parameters()}
             self.order = [index[id(p)] for p in first.sampler.param_groups[0]["params"]]
@@ -185,16 +189,34 @@ class VectorizedGroup:
                 raise
             raise VectorizeError(_why(exc)) from exc
 
+    def _fast_ready(self) -> bool:
+        """SGLD: always; SAGA-LD: once every table is allocated (at its first update, made by the chains' own
+        steps) and stacked, and the tables are at the same update count."""
+        if self.fast != "saga":
+            return True
+        if self.stacked_saga is None:
+            estimators = [r.sampler.estimator for r in self.runners]
+            if not all(saga_fits(e) for e in estimators):
+                return False
+            self.stacked_saga = StackedSAGA(estimators)
+        return self.stacked_saga.in_step()
+
     def advance(self, active: list[int]) -> None:
         if self.closure_sampler:
             self._advance_closure(active)
             return
         indices, batch = self._batches(active)
         loss, grads, reps = self._compute(batch, self._per_example(active))
-        if self.fast and len(active) == len(self.runners):
+        if self.fast and len(active) == len(self.runners) and self._fast_ready():
             samplers = [r.sampler for r in self.runners]
-            made = langevin_step(samplers, [self.trainable[n] for n in self.order], [grads[n] for n in self.order],
-                                 loss.detach(), int(indices[0].numel()), self.rng)
+            commit = None
+            if self.fast == "saga":
+                v = self.stacked_saga.estimate(torch.stack(indices), grads, reps)
+                est, commit = [v[n] for n in self.order], self.stacked_saga.commit
+            else:
+                est = [grads[n].mul(samplers[0].num_data) for n in self.order]  # Minibatch: N·∇(batch mean)
+            made = langevin_step(samplers, [self.trainable[n] for n in self.order], est, loss.detach(),
+                                 int(indices[0].numel()), self.rng, commit)
             if made:
                 for r in self.runners:
                     r.grad_evals += float(r.sampler.stats["grad_evals"])
