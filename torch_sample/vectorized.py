@@ -35,7 +35,7 @@ def fits(sampler: torch.optim.Optimizer) -> str | None:
     table stacked by `vr_mcmc.estimators.stacked_saga`), or None: it needs the Langevin diffusion with no momentum,
     no schedule, one param group, a mean loss, and no per-example noise diagnostic (``noise_ratio_every=0``, or no
     engine for SGLD)."""
-    if len(sampler.param_groups) != 1:
+    if not isinstance(sampler, LangevinSampler) or len(sampler.param_groups) != 1:
         return None
     group = sampler.param_groups[0]
     plain = (not group["momentum"] and sampler.schedule is None and sampler.check_finite
