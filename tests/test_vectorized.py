@@ -150,8 +150,12 @@ class _Interrupting:
         return loss_fn(model, batch)
 
 
-@pytest.mark.parametrize(("sampler_fn", "after"), [(sgld, 32), (sagald, 32), (sagald_stacked, 32), ("hmc", 150)],
-                         ids=["sgld", "sagald", "sagald_stacked", "hmc"])
+# ~5 s each on an idle 2-core CPU (three runs with checkpoints); the per-chain SAGA-LD path and HMC's threads are
+# also resumed by the slow selection
+@pytest.mark.parametrize(("sampler_fn", "after"), [
+    pytest.param(sgld, 32, id="sgld"), pytest.param(sagald_stacked, 32, id="sagald_stacked"),
+    pytest.param(sagald, 32, id="sagald", marks=pytest.mark.slow),
+    pytest.param("hmc", 150, id="hmc", marks=pytest.mark.slow)])
 def test_vectorized_resume_is_exact(tmp_path, sampler_fn, after):
     """Interrupted after ``after`` batched evaluations (a step of SGLD is one, of HMC ~5; checkpoints every 10
     draws), then called again: bit-identical to an uninterrupted vectorized run, including the SAGA tables, HMC's
@@ -281,6 +285,7 @@ def test_vectorized_closure_sampler_is_the_sequential_chain(sampler_fn):
         assert len(set(sizes.tolist())) == len(sizes)
 
 
+@pytest.mark.slow
 def test_resume_with_chains_at_different_steps(tmp_path):
     """A checkpoint where one chain is behind the others (here: its files deleted, so it starts again): the chains
     that are behind step alone until they catch up, then all step together; the result equals an uninterrupted
