@@ -324,3 +324,16 @@ def test_vectorized_nuts_matches_the_reference_posterior():
                            lambda m, batch: -post.log_density(m.theta), torch.zeros(1), batch_size=1, num_warmup=500,
                            num_samples=1000, num_chains=4, seed=5, chain_method="vectorized", progress=False)
     assert check(post, np.asarray(idata.posterior["theta"].values)) == []
+
+
+def test_a_sequential_checkpoint_resumes_vectorized(tmp_path):
+    """The chains' checkpoint files are the sequential ones: a sequential run cut short resumes as a vectorized one,
+    and gives the sequential run's draws (to float order)."""
+    options = dict(batch_size=10, num_warmup=0, num_samples=20, num_chains=2, seed=4, progress=False,
+                   checkpoint_every=5)
+    whole = vr_mcmc.sample(model_fn, sagald, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):  # chain 0 done, chain 1 at step 12 (checkpoint at 10)
+        vr_mcmc.sample(model_fn, sagald, _Interrupting(33), (X, Y), checkpoint=cut, **options)
+    resumed = vr_mcmc.sample(model_fn, sagald, loss_fn, (X, Y), checkpoint=cut, chain_method="vectorized", **options)
+    assert_same_draws(whole, resumed)
