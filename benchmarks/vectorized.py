@@ -1,6 +1,6 @@
 """Vectorized chains (issue 19, must-show 1 and 2): correctness against sequential chains, and time per step.
 
-    python benchmarks/vectorized.py [--part correctness|throughput|all] [--chains 1 4 16 64] [--quick]
+    python benchmarks/vectorized.py [--part correctness|throughput|runs|all] [--chains 1 4 16 64] [--quick]
 
 Correctness (one thread):
 - Gaussian: Bayesian linear regression (analytic Gaussian posterior), 8 chains of SGLD and of HMC, vectorized and
@@ -11,11 +11,12 @@ Correctness (one thread):
   MCSE, sd within 10%, R-hat < 1.01).
 Throughput (one torch thread; the demo's MLP 64-32-10 on the digits, N = 1347): wall time per step of C vectorized
 chains, through `vr_mcmc.sample` with a recorded function of the model per draw, for SGLD (B = 32), SAGA-LD
-(B = 32) and HMC (full data, 8 leapfrog steps), relative to one vectorized chain and to one sequential chain; and
-16 sequential chains and 16 chains with chain_method="parallel" (2 worker processes at a time on this 2-core
-machine). A step's time is (t(S2) − t(S1)) / (S2 − S1) for runs of S1 and S2 steps (medians of ``--repeats``
-interleaved runs, after a warm-up run), so the fixed costs (building the chains, merging the draws, starting
-processes) cancel.
+(B = 32, noise_ratio_every=0) and HMC (full data, 8 leapfrog steps), relative to one vectorized chain and to one
+sequential chain, and of 16 sequential chains and 16 chains with chain_method="parallel" (2 worker processes at a
+time on this 2-core machine). A step's time is (t(S2) − t(S1)) / (S2 − S1) for runs of S1 and S2 steps (medians
+of ``--repeats`` interleaved runs, after a warm-up run), so the fixed costs (building the chains, merging the
+draws, starting processes) cancel; for "parallel" the process start-ups vary by seconds and swamp the difference,
+hence also ("runs") the wall time of whole runs of 16 chains with each chain_method, start-up included.
 """
 
 from __future__ import annotations
@@ -114,6 +115,18 @@ def throughput(chain_counts: list[int], quick: bool, repeats: int) -> dict:
             res[label] = per_step_ms(method, c, how, steps, 1 if how == "parallel" else repeats)
             print(f"{method:8s} {label:17s}: {res[label]:9.2f} ms/step", flush=True)
         out[method] = res
+    return out
+
+
+def whole_runs(chains: int = 16) -> dict:
+    """Wall time of one whole `vr_mcmc.sample` call of ``chains`` chains per chain_method, start-up included (for
+    "parallel": 2 worker processes at a time, each importing torch and building its chain)."""
+    out: dict = {}
+    for method, steps in (("SGLD", 1000), ("SAGA-LD", 1000), ("HMC", 20)):
+        out[method] = {"steps": steps}
+        for how in ("vectorized", "sequential", "parallel"):
+            out[method][how] = run_time(method, chains, how, steps)
+            print(f"{method:8s} {chains} chains x {steps} steps, {how:10s}: {out[method][how]:7.1f} s", flush=True)
     return out
 
 
@@ -223,11 +236,11 @@ def reference_posterior(quick: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("correctness", "throughput", "all"), default="all")
+    parser.add_argument("--part", choices=("correctness", "throughput", "runs", "all"), default="all")
     parser.add_argument("--chains", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "results" / "vectorized.json"))
+    parser.add_argument("--out", default=None, help="JSON file (default: results/vectorized[_PART].json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -243,10 +256,13 @@ def main() -> None:
             one, seq = r["vectorized 1"], r["sequential 1"]
             cells = [f"{k}: {v / one:.2f}x ({v / seq:.2f}x)" for k, v in r.items()]
             print(f"  {method}: " + "; ".join(cells))
+    if args.part in ("runs", "all"):
+        results["whole_runs_s"] = whole_runs()
     results["load_after"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"load after {os.getloadavg()[0]:.1f}; wrote {args.out}")
+    out = Path(args.out or ROOT / "results" / f"vectorized{'' if args.part == 'all' else '_' + args.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"load after {os.getloadavg()[0]:.1f}; wrote {out}")
 
 
 if __name__ == "__main__":
