@@ -337,3 +337,17 @@ def test_a_sequential_checkpoint_resumes_vectorized(tmp_path):
         vr_mcmc.sample(model_fn, sagald, _Interrupting(33), (X, Y), checkpoint=cut, **options)
     resumed = vr_mcmc.sample(model_fn, sagald, loss_fn, (X, Y), checkpoint=cut, chain_method="vectorized", **options)
     assert_same_draws(whole, resumed)
+
+
+def _layernorm_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("sampler_fn", [sagald, sagald_stacked], ids=lambda f: f.__name__)
+def test_saga_on_layers_beyond_linear_uses_dense_per_example_gradients(sampler_fn):
+    """A parameter outside a Linear layer (LayerNorm's): per-example gradients from vmap over chains of vmap over
+    examples (Dense rows); the chains equal the sequential ones, whose engine uses the LayerNorm rule."""
+    kw = dict(batch_size=10, num_warmup=0, num_samples=25, num_chains=2, seed=6, progress=False)
+    seq = vr_mcmc.sample(_layernorm_net, sampler_fn, loss_fn, (X, Y), chain_method="sequential", **kw)
+    vec = vr_mcmc.sample(_layernorm_net, sampler_fn, loss_fn, (X, Y), chain_method="vectorized", **kw)
+    assert_same_draws(seq, vec)
