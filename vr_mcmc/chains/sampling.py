@@ -77,16 +77,17 @@ def sample(
     directory for the draws and the resumable state, saved every ``checkpoint_every`` draws.
     ``chain_method="vectorized"`` runs the chains as one batched computation (DESIGN.md §13,
     `vr_mcmc.chains.vectorized`): the chains' parameters stacked with a leading chain dimension, ``loss_fn`` under
-    ``torch.vmap`` of ``torch.func.functional_call``, per-example gradients for SAGA-LD's table from the same batched
-    pass; every sampler (the SG family, SAGA-LD/SVRG-LD/SGLD-CV, ULA/MALA/HMC/NUTS with per-chain adaptation and
-    trees). Plain SGLD, and SAGA-LD with ``noise_ratio_every=0``, update all chains (and SAGA's tables, stacked)
-    in one step; the other samplers step per chain on the batched gradients (SVRG-LD/SGLD-CV evaluate their centre
-    on the chain's own model). Chain c is sequential chain c with the same seed (same init, batches and noise) up
-    to float rounding of the batched sums, with the same output and checkpoints (a run resumes with either
-    method). The model and loss must be vmappable (no data-dependent Python control flow, no in-place update of a
-    tensor that is not a buffer, no random operations such as dropout in training mode): otherwise a
-    `VectorizeError` before any draw names the cause. ``max_vectorized=k``: at most k chains per batched
-    computation (groups run one after another).
+    ``torch.vmap`` of ``torch.func.functional_call``, per-example gradients for SAGA-LD's table from the same
+    batched pass; every sampler (the SG family, SAGA-LD/SVRG-LD/SGLD-CV, ULA/MALA/HMC/NUTS with per-chain adaptation
+    and trees). Plain SGLD, and SAGA-LD with ``noise_ratio_every=0``, update all chains (and SAGA's tables, stacked)
+    in one step; the other samplers step per chain on the batched gradients (SVRG-LD/SGLD-CV are not batched: their
+    closures, at θ and at the centre, run on each chain's own model). Chain c is sequential chain c with the same
+    seed (same init, batches and noise) up to float rounding of the batched sums, with the same output and
+    checkpoint files (a sequential checkpoint resumes vectorized; not for SAGA-LD on a model with parameters
+    outside Linear layers, whose table rows the vectorized pass computes dense where the engine stores factors). The model and loss must be vmappable (no data-dependent Python
+    control flow, no in-place update of a tensor that is not a buffer, no random operations such as dropout in
+    training mode): otherwise a `VectorizeError` before any draw names the cause. ``max_vectorized=k``: at most k
+    chains per batched computation (groups run one after another).
     ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with

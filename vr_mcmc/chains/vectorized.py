@@ -4,15 +4,14 @@ batched computation (`batched.BatchedGradients`), each otherwise the chain a seq
 Each chain is built, seeded, resumed and checkpointed exactly as in a sequential run (a `runner.ChainRunner` per
 chain: its model, sampler, batch stream, draw blocks and checkpoint file). The chains' parameters are then moved
 into stacked tensors with a leading chain dimension, each chain's ``nn.Parameter`` (and buffer) becoming a view of
-its slice, so
-the batched forward reads them without a copy and each sampler's in-place update writes into them. Per step: every
-chain draws its own batch from its own stream, one vmapped computation gives every chain's loss, batch gradient
-(written into that chain's ``.grad``) and, for estimators that use them (SAGA's table, the ``noise_ratio``
-diagnostic), its per-example gradients, served to its estimator by an `_EngineView`; then each chain's sampler
-steps with the torch RNG state that chain would have in a sequential run (swapped in and out), so chain c draws
-the same noise as sequential chain c. SVRG-LD / SGLD-CV call their closure a second time at the centre: that
-evaluation runs on the chain's own model (not batched). With ``max_vectorized=k`` groups of at most k chains run
-one after another.
+its slice, so the batched forward reads them without a copy and each sampler's in-place update writes into them. Per
+step: every chain draws its own batch from its own stream, one vmapped computation gives every chain's loss, batch
+gradient (written into that chain's ``.grad``) and, for estimators that use them (SAGA's table, the ``noise_ratio``
+diagnostic), its per-example gradients, served to its estimator by an `_EngineView`; then each chain's sampler steps
+with the torch RNG state that chain would have in a sequential run (swapped in and out), so chain c draws the same
+noise as sequential chain c. SVRG-LD / SGLD-CV evaluate their closure at θ and again at the centre (and their
+full-gradient passes) on the chain's own model: those chains run as sequential ones, in turn. With
+``max_vectorized=k`` groups of at most k chains run one after another.
 """
 
 from __future__ import annotations
@@ -206,6 +205,9 @@ class VectorizedGroup:
             self._advance_closure(active)
             return
         indices, batch = self._batches(active)
+        closures = [getattr(self.runners[k].sampler.estimator, "needs_closure", False) for k in active]
+        if all(closures):  # SVRG-LD / SGLD-CV: each chain evaluates its own closure (below); nothing to batch
+            return self._step_each(active, indices, batch, None, None, None)
         loss, grads, reps = self._compute(batch, self._per_example(active))
         if self.fast and len(active) == len(self.runners) and self._fast_ready():
             samplers = [r.sampler for r in self.runners]
@@ -221,15 +223,21 @@ class VectorizedGroup:
                 for r in self.runners:
                     r.grad_evals += float(r.sampler.stats["grad_evals"])
                 return
+        self._step_each(active, indices, batch, loss, grads, reps)
+
+    def _step_each(self, active: list[int], indices: list, batch: tuple, loss: torch.Tensor | None,
+                   grads: Mapping[str, torch.Tensor] | None, reps: list | None) -> None:
+        """Each active chain's own ``sampler.step`` on its slice of the batched results (with its RNG state)."""
         for k in active:
             runner = self.runners[k]
-            named = dict(runner.model.named_parameters())
-            for n in self.names:
-                named[n].grad = grads[n][k]
+            if grads is not None:
+                named = dict(runner.model.named_parameters())
+                for n in self.names:
+                    named[n].grad = grads[n][k]
             view = self.views[k]
             if view is not None:
                 view.reps = None if reps is None else reps[k]
-                view.grads = {n: grads[n][k] for n in self.names}
+                view.grads = {} if grads is None else {n: grads[n][k] for n in self.names}
             torch.set_rng_state(self.rng[k])
             sampler, idx = runner.sampler, indices[k]
             if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
