@@ -83,11 +83,11 @@ def sample(
     in one step; the other samplers step per chain on the batched gradients (SVRG-LD/SGLD-CV are not batched: their
     closures, at θ and at the centre, run on each chain's own model). Chain c is sequential chain c with the same
     seed (same init, batches and noise) up to float rounding of the batched sums, with the same output and
-    checkpoint files (a sequential checkpoint resumes vectorized; not for SAGA-LD on a model with parameters
-    outside Linear layers, whose table rows the vectorized pass computes dense where the engine stores factors). The model and loss must be vmappable (no data-dependent Python
-    control flow, no in-place update of a tensor that is not a buffer, no random operations such as dropout in
-    training mode): otherwise a `VectorizeError` before any draw names the cause. ``max_vectorized=k``: at most k
-    chains per batched computation (groups run one after another).
+    checkpoint files (a sequential checkpoint resumes vectorized; not for SAGA-LD on a model with parameters outside
+    Linear layers, whose table rows the vectorized pass computes dense where the engine stores factors). The model
+    and loss must be vmappable (no data-dependent Python control flow, no in-place update of a tensor that is not a
+    buffer, no random operations such as dropout in training mode): otherwise a `VectorizeError` before any draw
+    names the cause. ``max_vectorized=k``: at most k chains per batched computation (groups run one after another).
     ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
