@@ -351,3 +351,13 @@ def test_saga_on_layers_beyond_linear_uses_dense_per_example_gradients(sampler_f
     seq = vr_mcmc.sample(_layernorm_net, sampler_fn, loss_fn, (X, Y), chain_method="sequential", **kw)
     vec = vr_mcmc.sample(_layernorm_net, sampler_fn, loss_fn, (X, Y), chain_method="vectorized", **kw)
     assert_same_draws(seq, vec)
+
+
+def test_a_summed_loss_is_warned_about_as_in_sequential_chains():
+    """The batched pass hides the loss's autograd node; the driver shows it to the sampler's check once."""
+    def summed(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+    with pytest.warns(UserWarning, match="looks like a sum over the batch"):
+        vr_mcmc.sample(model_fn, sgld, summed, (X, Y), batch_size=10, num_warmup=0, num_samples=3, num_chains=2,
+                       chain_method="vectorized", progress=False)

@@ -106,6 +106,7 @@ class VectorizedGroup:
         self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
                                           getattr(first.sampler, "loss_reduction", "mean"))
         self.trainable, self.fixed = self._stack()
+        self._check_loss_reduction(template)
         self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         self.closure_sampler = first.closure_sampler
         data = spec["data"]
@@ -122,6 +123,22 @@ class VectorizedGroup:
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
             self.full_batch = first.fetch(torch.arange(first.num_data))
             self.threads = [ChainThread(f"vr_mcmc chain {c}") for c in chains]
+
+    def _check_loss_reduction(self, template: torch.nn.Module) -> None:
+        """The SG samplers' warning for a loss that is a batch sum reads the loss's autograd node, which the batched
+        pass hides: one plain forward of the template (no hooks; no RNG used) on chain 0's first batch shows it."""
+        sampler = self.runners[0].sampler
+        if not hasattr(sampler, "_check_loss_reduction") or getattr(sampler, "_loss_checked", True):
+            return
+        stream = self.runners[0].stream
+        state = stream.state_dict()
+        idx = stream.next()
+        stream.load_state_dict(state)  # the chain draws this batch again
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            loss = self.spec["loss_fn"](template, self.runners[0].fetch(idx))
+        sampler._check_loss_reduction(loss)
+        for runner in self.runners:  # one warning for the run, as for a sequential chain
+            runner.sampler._loss_checked = True
 
     def _stack(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Moves the chains' parameters into [C, ...] tensors; each chain's parameter becomes a view of its slice."""
