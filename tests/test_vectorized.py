@@ -361,3 +361,8 @@ def test_a_summed_loss_is_warned_about_as_in_sequential_chains():
     with pytest.warns(UserWarning, match="looks like a sum over the batch"):
         vr_mcmc.sample(model_fn, sgld, summed, (X, Y), batch_size=10, num_warmup=0, num_samples=3, num_chains=2,
                        chain_method="vectorized", progress=False)
+
+
+def test_vectorized_does_not_combine_with_data_parallel():
+    with pytest.raises(ValueError, match="one process"):
+        run(sgld, "vectorized", data_parallel=True)

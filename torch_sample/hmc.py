@@ -64,13 +64,14 @@ class HMC(MetropolisSampler):
     def __init__(self, params: Iterable, lr: float, num_data: int = 1, *, num_leapfrog: int = 10,
                  jitter: float = 0.0, prior: Prior | None = None, temperature: float = 1.0,
                  target_accept: float | None = None, max_energy_error: float = 1000.0, dense_mass: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, step_size_tuning: str | None = None):
         if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog < 1:
             raise ValueError(f"num_leapfrog must be an integer >= 1, got {num_leapfrog!r}")
         if not (isinstance(jitter, (int, float)) and 0 <= jitter < 1):
             raise ValueError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
         super().__init__(params, lr, num_data, prior=prior, temperature=temperature, target_accept=target_accept,
-                         max_energy_error=max_energy_error, dense_mass=dense_mass, generator=generator)
+                         max_energy_error=max_energy_error, dense_mass=dense_mass, generator=generator,
+                         step_size_tuning=step_size_tuning)
         self.num_leapfrog = num_leapfrog
         self.jitter = float(jitter)
 

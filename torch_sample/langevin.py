@@ -50,18 +50,24 @@ def langevin_update(
 ) -> None:
     """One step of the (possibly underdamped) Langevin update, in place; ``grads`` hold ∇Ũ."""
     noise_scale = math.sqrt(2.0 * lr * temperature * (1.0 - momentum)) if temperature > 0 else 0.0
-    for p, g, buf in zip(params, grads, momentum_buffers):
-        noise = gaussian_noise(p, generator) if noise_scale else None
-        if momentum:
-            buf.mul_(momentum).add_(g)
-            if noise is not None:  # velocity u = −h·b gets √(2(1−μ)hT)·ξ
-                buf.add_(noise, alpha=-noise_scale / lr)
-            d = g.add(buf, alpha=momentum) if nesterov else buf
-            p.add_(d, alpha=-lr)
-        else:
-            p.add_(g, alpha=-lr)
-            if noise is not None:
-                p.add_(noise, alpha=noise_scale)
+    if not params:
+        return
+    # The noise in parameter order (the draws of a loop over the parameters), then each operation on all
+    # parameters at once: torch._foreach_* does per element what the loop did, without a Python round trip
+    # per parameter and operation (a third of an SGLD step's update on a small model).
+    noise = [gaussian_noise(p, generator) for p in params] if noise_scale else None
+    if momentum:
+        bufs = list(momentum_buffers)
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        if noise is not None:  # velocity u = −h·b gets √(2(1−μ)hT)·ξ
+            torch._foreach_add_(bufs, noise, alpha=-noise_scale / lr)
+        d = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+        torch._foreach_add_(params, d, alpha=-lr)
+    else:
+        torch._foreach_add_(params, grads, alpha=-lr)
+        if noise is not None:
+            torch._foreach_add_(params, noise, alpha=noise_scale)
 
 
 class LangevinSampler(Optimizer):
@@ -325,6 +331,7 @@ class LangevinSampler(Optimizer):
             return math.nan
         num = den = 0.0
         k = 0
+        noise_var = noise_var.tolist()  # one host read, not one per parameter
         for group in self.param_groups:
             eff = self._effective(group, phase)
             for p in group["params"]:

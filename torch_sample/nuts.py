@@ -81,9 +81,10 @@ class NUTS(MetropolisSampler):
     """The No-U-Turn sampler (Stan's multinomial NUTS) on a closure, with step size ε = ``lr``.
 
     Each `step` is one NUTS transition: at most 2^``max_tree_depth`` − 1 leapfrog steps. The warmup
-    (``adapt(True, num_warmup=...)``) is HMC's: dual averaging of ε toward ``target_accept`` (0.8) on
+    (``adapt(True, num_warmup=...)``) is Stan's: dual averaging of ε toward ``target_accept`` (0.8) on
     the acceptance statistic mean over the trajectory of min(1, exp(H0 − H)), and M⁻¹ estimated in
-    Stan's windows, diagonal or, with ``dense_mass=True``, dense. A leapfrog step whose energy error
+    Stan's windows, diagonal or, with ``dense_mass=True``, dense, ending with Stan's 50-step terminal
+    buffer (``step_size_tuning="stan"``; HMC's ``"calm"`` end is available). A leapfrog step whose energy error
     H − H0 exceeds ``max_energy_error`` (1000, as Stan), or whose U or ∇U is not finite (or whose
     closure raises a domain error), is a divergence: the trajectory stops there and the new state is
     drawn from the part built before the diverging subtree.
@@ -95,16 +96,18 @@ class NUTS(MetropolisSampler):
     """
 
     default_target_accept = 0.8
+    default_step_size_tuning = "stan"  # Stan's warmup end: no divergences where Stan has none (see MetropolisSampler)
     adapts_mass = True
 
     def __init__(self, params: Iterable, lr: float, num_data: int = 1, *, max_tree_depth: int = 10,
                  prior: Prior | None = None, temperature: float = 1.0, target_accept: float | None = None,
                  max_energy_error: float = 1000.0, dense_mass: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, step_size_tuning: str | None = None):
         if isinstance(max_tree_depth, bool) or not isinstance(max_tree_depth, int) or max_tree_depth < 1:
             raise ValueError(f"max_tree_depth must be an integer >= 1, got {max_tree_depth!r}")
         super().__init__(params, lr, num_data, prior=prior, temperature=temperature, target_accept=target_accept,
-                         max_energy_error=max_energy_error, dense_mass=dense_mass, generator=generator)
+                         max_energy_error=max_energy_error, dense_mass=dense_mass, generator=generator,
+                         step_size_tuning=step_size_tuning)
         self.max_tree_depth = max_tree_depth
 
     # -- random numbers (methods, so that a test can feed its own) ----------------------------------

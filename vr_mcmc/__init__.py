@@ -17,12 +17,13 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # public name -> the module that defines it
 _LAZY = {"CheckpointError": ".chains", "sample": ".chains", "PerExampleGradients": ".per_example",
-         "Recorder": ".recorder"}
+         "PosteriorEnsemble": ".ensemble", "Recorder": ".recorder"}
 
-__all__ = ["CheckpointError", "PerExampleGradients", "Recorder", "__version__", "sample"]
+__all__ = ["CheckpointError", "PerExampleGradients", "PosteriorEnsemble", "Recorder", "__version__", "sample"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .chains import CheckpointError, sample
+    from .ensemble import PosteriorEnsemble
     from .per_example import PerExampleGradients
     from .recorder import Recorder
 

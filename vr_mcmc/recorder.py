@@ -10,6 +10,10 @@
             recorder.record(chain, model, sampler)
     idata = recorder.to_arviz()               # az.InferenceData on ArviZ 0.x, xarray.DataTree on ArviZ 1.x
 
+With ``keep_params=k, directory=DIR`` every k-th draw of each chain also has its model's state dict written to
+``DIR/params/`` (safetensors, atomically; see `vr_mcmc.chains.params`), and ``recorder.save_ensemble()`` (called
+by ``to_arviz()`` too) writes the index that ``vr_mcmc.PosteriorEnsemble(DIR, model)`` reads.
+
 Groups: ``posterior`` (recorded parameters and functions of the model), ``sample_stats`` (every key
 of ``sampler.stats``; ``diverging`` as bool), ``log_likelihood`` (pointwise, for ``az.loo``),
 ``observed_data``. Dims are (chain, draw, ``<name>_dim_0``, ...).
@@ -18,9 +22,11 @@ of ``sampler.stats``; ``diverging`` as bool), ``log_likelihood`` (pointwise, for
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +69,8 @@ class Recorder:
     numbers, otherwise none, with a warning saying how to choose), a list of parameter names
     (``model.named_parameters()``), or a dict {name: fn(model) -> tensor}. ``log_likelihood``:
     fn(model) -> pointwise log-likelihood [n_obs] (stored as variable ``obs``) or a dict of them.
-    ``observed_data``: {name: array}, stored as given.
+    ``observed_data``: {name: array}, stored as given. ``keep_params``, ``directory``: every k-th draw's
+    state dict to ``directory`` (new or empty), see the module docstring.
     """
 
     def __init__(
@@ -71,6 +78,9 @@ class Recorder:
         record: Sequence[str] | Mapping[str, Callable[[torch.nn.Module], Any]] | None = None,
         log_likelihood: Callable[[torch.nn.Module], Any] | Mapping[str, Callable] | None = None,
         observed_data: Mapping[str, Any] | None = None,
+        *,
+        keep_params: int | None = None,
+        directory: str | os.PathLike | None = None,
     ):
         self.record_spec = record
         if record is not None and not isinstance(record, (Mapping, list, tuple)):
@@ -93,6 +103,19 @@ class Recorder:
         self._resolved: dict[str, Callable] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.attrs: dict[str, Any] = {}
+        self._params: dict[int, Any] = {}  # chain -> vr_mcmc.chains.params.ChainParams
+        self.keep_params, self.directory = keep_params, None if directory is None else Path(directory)
+        if keep_params is not None or directory is not None:
+            from .chains.params import INDEX_FILE, PARAMS_DIR, check_keep_params
+
+            check_keep_params(keep_params, directory, what="directory")
+            if keep_params is None:
+                raise ValueError("directory= is where keep_params=k writes parameter draws: give keep_params too")
+            if self.directory.exists() and any(self.directory.iterdir()):
+                held = sorted(p.name for p in self.directory.iterdir())[:5]
+                what = "an ensemble" if {INDEX_FILE, PARAMS_DIR} & set(held) else "files"
+                raise ValueError(f"the Recorder's directory {self.directory} already holds {what} ({', '.join(held)}): "
+                                 "nothing was changed; give a new or empty directory")
 
     # -- what to record ---------------------------------------------------------------------------
 
@@ -159,6 +182,26 @@ class Recorder:
                 if column and column[0].shape != value.shape:
                     raise ValueError(f"{group}/{name} changed shape from {column[0].shape} to {value.shape}")
                 column.append(value)
+        if self.keep_params is not None:
+            from .chains.params import ChainParams
+
+            if chain not in self._params:
+                self._params[chain] = ChainParams(self.directory, chain, self.keep_params)
+            self._params[chain].offer(model)
+
+    def save_ensemble(self) -> Path:
+        """Writes ``ensemble.json`` for the parameter draws written so far (chains in increasing order); returns
+        its path. `vr_mcmc.PosteriorEnsemble(directory, model)` reads it."""
+        from .chains.params import write_index
+
+        if self.keep_params is None:
+            raise ValueError("this Recorder keeps no parameters: create it with keep_params=k, directory=DIR")
+        chains = sorted(self._params)
+        if not any(self._params[c].index for c in chains):
+            raise ValueError(f"no parameter draw written yet: keep_params={self.keep_params} writes every "
+                             f"{self.keep_params}-th draw recorded per chain")
+        return write_index(self.directory, [self._params[c].index for c in chains], self.keep_params,
+                           chain_ids=chains, source="vr_mcmc.Recorder")
 
     def to_arviz(self, **attrs: Any) -> Any:
         """The recorded draws as `az.InferenceData` (ArviZ 0.x) or `xarray.DataTree` (ArviZ 1.x).
@@ -180,6 +223,8 @@ class Recorder:
                 groups[group] = dataset(data, chains)
         if self.observed_data:
             groups["observed_data"] = observed_dataset(self.observed_data)
+        if self.keep_params is not None and any(p.index for p in self._params.values()):
+            self.save_ensemble()
         return to_arviz(groups, **{**self.attrs, **attrs})
 
 

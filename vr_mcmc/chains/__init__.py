@@ -8,7 +8,8 @@ as NumPyro and Stan thin; a sampler with a schedule that reports ``stats["sampli
 must equal num_warmup + num_samples). Minibatch samplers get
 uniform batches of indices (a fresh seeded permutation each epoch); closure samplers (ULA, MALA,
 HMC) a full-data closure; a sampler with a partitioned gradient table (``block_size=k``) unions of whole blocks of
-its table's partition (`stream.BlockStream`). ``sample_stats`` gets ``data_passes`` (per-example gradients since the
+its table's partition (`stream.BlockStream`). The data may also be a DataLoader over an IndexedDataset (any
+iterable of ``(idx, *batch)``): see `loader`. ``sample_stats`` gets ``data_passes`` (per-example gradients since the
 start over N, warmup included) unless the sampler reports its own.
 
 With ``checkpoint=DIR`` draws go to disk as they are made (a small netCDF file per block of
@@ -19,10 +20,12 @@ Calling `sample` again with the same arguments and directory after a crash resum
 its last checkpoint and gives the draws an uninterrupted run gives; a finished run is just read back.
 A directory holding another run, or a damaged checkpoint, is refused and left as it is.
 
-Modules, one concept each: `stream` (the data and the minibatch index stream), `blocks` (draw files
-and their merge), `checkpoint` (manifest, per-chain state, the checkpoint directory), `runner` (one
-chain), `parallel` (chains in worker processes), `vectorized` (chains as one batched computation; `batched` its
-vmapped loss and gradients, `lockstep` the closure samplers' turns), `sampling` (the public `sample`).
+Modules, one concept each: `stream` (the data and the minibatch index stream), `loader` (DataLoaders and other
+iterables of indexed batches), `blocks` (draw files and their merge), `checkpoint` (manifest, per-chain state, the
+checkpoint directory), `params` (parameter draws kept with ``keep_params``: safetensors files and their index, read
+by `vr_mcmc.PosteriorEnsemble`), `runner` (one chain), `parallel` (chains in worker processes), `vectorized`
+(chains as one batched computation; `batched` its vmapped loss and gradients, `lockstep` the closure samplers'
+turns), `sampling` (the public `sample`). Several ranks of torch.distributed (torchrun): `vr_mcmc.distributed`.
 """
 
 from .batched import VectorizeError

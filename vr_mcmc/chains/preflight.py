@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from ..recorder import Recorder
+from .loader import check_data, describe, is_iterable_data
+from .params import state_tensors
 from .runner import build
 
 __all__ = ["SUPPORTED", "preflight"]
@@ -24,7 +26,8 @@ def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.nda
     The caller's global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         model, sampler = build(spec, 0)
-        check_sampler(sampler, num_data)
+        check_data(spec["data"], sampler, spec["batch_size"], spec["parallel"])
+        check_sampler(sampler, num_data if num_data is not None else getattr(sampler, "num_data", None))
         check_schedule(sampler, spec["num_warmup"] + spec["num_samples"])
         architecture = _architecture(model)
         for chain in range(1, spec["num_chains"]):
@@ -33,6 +36,8 @@ def preflight(spec: dict[str, Any], num_data: int, observed: Mapping[str, np.nda
                 raise ValueError(f"model_fn() built a different model for chain {chain} than for chain 0 "
                                  f"({_difference(architecture, other)}): every chain must sample the same model")
         check_recorded(Recorder(spec["record"], spec["log_likelihood"]), model, sampler, observed)
+        if spec.get("keep_params"):
+            state_tensors(model)  # a state dict that safetensors cannot store is refused now, not at the k-th draw
     return {"sampler": _sampler_options(sampler), "data": _data_shape(spec["data"]),
             "model": {k: list(v) for k, v in architecture.items()}}
 
@@ -119,6 +124,8 @@ def _sampler_options(sampler: Any) -> dict[str, Any]:
 
 
 def _data_shape(data: Any) -> Any:
+    if is_iterable_data(data):
+        return describe(data)
     if isinstance(data, torch.Tensor):
         data = (data,)
     if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):

@@ -16,7 +16,9 @@ import torch
 from ..recorder import Recorder
 from .blocks import ChainBlocks, verify_blocks, write_block
 from .checkpoint import load_checkpoint, save_atomic
-from .stream import as_data, chain_seeds, index_stream
+from .loader import batch_source
+from .params import ChainParams
+from .stream import chain_seeds
 
 __all__ = ["ChainRunner", "LineProgress", "run_chain"]
 
@@ -51,8 +53,9 @@ class ChainRunner:
         self.files = {"warmup": ChainBlocks(directory, chain, warmup=True), "draws": ChainBlocks(directory, chain)}
         self.model, self.sampler = build(spec, chain)
         self.recorder = Recorder(spec["record"], spec["log_likelihood"])
-        self.num_data, self.fetch = as_data(spec["data"])
-        self.stream = index_stream(self.sampler, self.num_data, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        # the chain's batches (tensors, a dataset, a DataLoader): next() -> (indices, batch); resumable state
+        self.stream = batch_source(spec["data"], self.sampler, spec["batch_size"], chain_seeds(spec["seed"], chain)[1])
+        self.num_data = self.stream.num_data
         self.closure_sampler = is_closure_sampler(self.sampler)
         self.num_warmup, self.thin = spec["num_warmup"], spec["thin"]
         self.total = self.num_warmup + spec["num_samples"]
@@ -61,24 +64,34 @@ class ChainRunner:
         self.index: dict[str, list[dict[str, Any]]] = {"warmup": [], "draws": []}  # the blocks written, checksummed
         self.buffers: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {"warmup": {}, "draws": {}}
         self.full_batch: tuple | None = None
+        keep_params = spec.get("keep_params")  # every k-th draw's state dict to disk (params.py)
+        self.param_files = ChainParams(directory, chain, keep_params) if keep_params else None
         self.start_time = time.perf_counter()
 
     # -- state --------------------------------------------------------------------------------------
 
     def resume(self) -> None:
         """Loads the chain's last checkpoint, if any, and drops the blocks written after it."""
+        state = None
         if self.ckpt_path.exists():
             state = load_checkpoint(self.ckpt_path)
-            self.model.load_state_dict(state["model"])
-            self.sampler.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
-            self.stream.load_state_dict(state["stream"])
-            self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
-            self.grad_evals = state.get("grad_evals", 0.0)
-            self.index = state["index"]
+            self.restore(state)
             verify_blocks(self.ckpt_path.parent, self.chain, self.index)
         for kind in KINDS:
             self.files[kind].drop_from(self.blocks[kind])
+        if self.param_files is not None:
+            self.param_files.resume(None if state is None else state.get("params"))
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Puts the chain where checkpoint ``state`` left it: model, sampler, torch's RNG, the batch stream and the
+        counters (steps, blocks, time, gradient evaluations, the block index)."""
+        self.model.load_state_dict(state["model"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.blocks, self.elapsed = state["step"], state["blocks"], state.get("elapsed", 0.0)
+        self.grad_evals = state.get("grad_evals", 0.0)
+        self.index = state["index"]
 
     def flush(self) -> None:
         """Writes the buffered draws as blocks."""
@@ -100,6 +113,7 @@ class ChainRunner:
             save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model_state(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                          "stream": self.stream.state_dict(), "index": self.index, "grad_evals": self.grad_evals,
+                         "params": None if self.param_files is None else self.param_files.state_dict(),
                          "elapsed": self.elapsed + time.perf_counter() - self.start_time},
                         self.ckpt_path, needed)
 
@@ -131,8 +145,8 @@ class ChainRunner:
         if self.closure_sampler:
             sampler.step(self.full_closure)
         else:
-            idx = self.stream.next()
-            closure = self.batch_closure(self.fetch(idx))
+            idx, batch = self.stream.next()
+            closure = self.batch_closure(batch)
             if getattr(getattr(sampler, "estimator", None), "needs_closure", False):
                 sampler.step(closure, indices=idx)  # it calls the closure at θ, and again at its centre
             else:
@@ -150,6 +164,8 @@ class ChainRunner:
         if kept and (not in_warmup or self.spec["save_warmup"]):
             kind = "warmup" if in_warmup else "draws"
             draw = self.recorder.values(self.model, self.sampler)
+            if self.param_files is not None and kind == "draws":
+                self.param_files.offer(self.model)
             # the driver counts data passes; a sampler that reports its own keeps them (no double count)
             draw["sample_stats"].setdefault("data_passes", np.asarray(self.grad_evals / self.num_data))
             for group, values in draw.items():
@@ -166,8 +182,8 @@ class ChainRunner:
         adapting = self.closure_sampler and num_warmup > 0 and self.sampler.adapts_step_size
         if self.step == 0 and adapting:
             self.sampler.adapt(True, num_warmup=num_warmup)
-        if self.closure_sampler:
-            self.full_batch = self.fetch(torch.arange(self.num_data))
+        if self.closure_sampler and self.full_batch is None:  # (a data-parallel runner sets its shard's)
+            self.full_batch = self.stream.full_batch()
         every = self.spec["checkpoint_every"]
         bar = _progress(self.spec, self.chain, total, self.step)
         self.start_time = time.perf_counter()
@@ -192,10 +208,11 @@ class ChainRunner:
                 self.flush()
             raise
         finally:
+            self.stream.close()  # a DataLoader's worker processes
             if bar is not None:
                 bar.close()
         return {"chain": self.chain, "elapsed": self.elapsed + time.perf_counter() - self.start_time,
-                "index": self.index}
+                "index": self.index, "params": None if self.param_files is None else self.param_files.index}
 
 
 def run_chain(spec: dict[str, Any], chain: int) -> dict[str, Any]:

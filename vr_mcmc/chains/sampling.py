@@ -17,10 +17,11 @@ import torch
 from ..recorder import Recorder, run_attrs
 from .blocks import ChainBlocks, in_memory, merge
 from .checkpoint import RESULTS_FILE, file_entry, manifest, open_results, prepare_directory, write_manifest
+from .loader import data_size
 from .parallel import check_main_guard, run_parallel
+from .params import check_keep_params, repair_index, write_index
 from .preflight import preflight
 from .runner import run_chain
-from .stream import as_data
 from .vectorized import run_vectorized
 
 __all__ = ["SMALL_MODEL", "sample"]
@@ -45,7 +46,7 @@ def sample(
     loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
     data: Any,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     num_warmup: int,
     num_samples: int,
     num_chains: int = 4,
@@ -61,6 +62,9 @@ def sample(
     save_warmup: bool = False,
     num_threads: int | None = None,
     max_vectorized: int | None = None,
+    keep_params: int | None = None,
+    data_parallel: bool = False,
+    process_group: Any = None,
 ) -> Any:
     """Run ``num_chains`` chains and return their draws as ArviZ data (see `vr_mcmc.chains`).
 
@@ -68,6 +72,10 @@ def sample(
     ``sampler_fn(model)`` -> its sampler (a torch_sample sampler whose ``num_data`` is N);
     ``loss_fn(model, batch)`` -> the batch mean NLL, ``batch`` = the data's tensors at a batch of
     indices (a tuple). ``batch_size`` is used by minibatch samplers (closure samplers see all data).
+    ``data``: a tensor or tuple of tensors (X, y, ...) with examples in dim 0, a map-style dataset, or a
+    ``DataLoader`` over a `vr_mcmc.data.IndexedDataset` (any iterable of ``(idx, *batch)``; ``batch_size`` is
+    then the loader's, and ``loss_fn`` gets ``batch[1:]``): workers, pinned memory and augmentation work, and
+    chains stay reproducible and resumable (`vr_mcmc.chains.loader` says how).
     ``num_warmup`` steps adapt (MALA/HMC) and are dropped (kept in ``warmup_*`` with ``save_warmup``);
     ``num_samples`` counts the steps after warmup, of which every ``thin``-th is kept, as NumPyro and
     Stan do: ``num_samples=1000, thin=2`` gives 500 draws per chain.
@@ -92,6 +100,15 @@ def sample(
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
     ``chain_method="parallel"``.
+    ``keep_params=k`` (needs ``checkpoint``): every k-th draw's state dict (parameters and buffers) is saved
+    as a safetensors file in ``checkpoint/params/``, crash-safe and resumed as the draws are; read the
+    ensemble with `vr_mcmc.PosteriorEnsemble(checkpoint, model)` (see `vr_mcmc.chains.params`).
+
+    Under ``torchrun`` (or with a torch.distributed group initialized, or the group ``process_group=``) the chains
+    are spread over the ranks (each as in one process: the same result), or with ``data_parallel=True`` each chain
+    runs across all ranks, each rank on its shard of the examples and of the SAGA table, the estimate all-reduced
+    (the one-process chain up to the order of sums): see `vr_mcmc.distributed`. Rank 0 returns the merged result,
+    the other ranks None. ``process_group=False``: each rank runs its own `sample`, as without torch.distributed.
 
     Returns `az.InferenceData` on ArviZ 0.x, `xarray.DataTree` on ArviZ 1.x, with groups posterior,
     sample_stats, log_likelihood, observed_data (and warmup_* with ``save_warmup=True``).
@@ -103,11 +120,13 @@ def sample(
     if thin > num_samples:
         raise ValueError(f"thin={thin} keeps every {thin}-th of the num_samples={num_samples} steps after warmup, "
                          "so no draw: num_samples counts steps (as in NumPyro), e.g. num_samples=draws * thin")
-    _check_int("batch_size", batch_size, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("seed", seed, 0)
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
+    check_keep_params(keep_params, checkpoint, num_samples // thin)
     if chain_method not in CHAIN_METHODS:
         raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
     if max_vectorized is not None:
@@ -115,32 +134,45 @@ def sample(
         if chain_method != "vectorized":
             raise ValueError(f"max_vectorized={max_vectorized} caps the chains of chain_method='vectorized'; "
                              f"this run's chain_method is {chain_method!r}")
-    if chain_method == "parallel":
+    if chain_method == "vectorized" and (process_group is not None or data_parallel):
+        raise ValueError("chain_method='vectorized' runs on one process: it does not combine with process_group= or "
+                         "data_parallel=True (torch.distributed); use chain_method='sequential' across ranks")
+    if chain_method == "parallel" and not process_group and not data_parallel:
         check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-    num_data, _ = as_data(data)
-    if batch_size > num_data:
+    num_data = data_size(data)  # None: an iterable of unknown length (N is the sampler's num_data)
+    if batch_size is not None and num_data is not None and batch_size > num_data:
         raise ValueError(f"batch_size {batch_size} is larger than the data ({num_data} examples)")
     Recorder(record, log_likelihood, observed_data)  # checks the arguments before any work
     observed = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                 for k, v in (observed_data or {}).items()}
 
     persistent = checkpoint is not None
-    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
-    directory = Path(checkpoint) if persistent else Path(tmp_dir)
     spec = dict(model_fn=model_fn, sampler_fn=sampler_fn, loss_fn=loss_fn, data=data, batch_size=batch_size,
                 num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, thin=thin, record=record,
-                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=str(directory),
+                log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=None,
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=num_threads,
-                vectorized=chain_method == "vectorized", max_vectorized=max_vectorized)
+                keep_params=keep_params, vectorized=chain_method == "vectorized", max_vectorized=max_vectorized)
+    from ..distributed.group import resolve
+
+    comm = resolve(process_group, bool(data_parallel))
+    if comm is not None:  # several ranks (vr_mcmc.distributed)
+        from ..distributed.driver import run_distributed
+
+        return run_distributed(spec, checkpoint, observed, comm, bool(data_parallel), chain_method, num_data)
+    tmp_dir = None if persistent else tempfile.mkdtemp(prefix="vr_mcmc_")
+    directory = Path(checkpoint) if persistent else Path(tmp_dir)
+    spec["directory"] = str(directory)
     try:
         fingerprint = preflight(spec, num_data, observed)
         if spec["threads"] is None:
             spec["threads"] = default_threads(fingerprint, spec["parallel"])
         content, finished = prepare_directory(directory, manifest(spec, fingerprint)) if persistent else ({}, False)
+        if finished and keep_params:
+            repair_index(directory, num_chains, keep_params)  # a lost ensemble.json comes back from the checkpoints
         if not finished:
             start = time.perf_counter()
             try:
@@ -155,7 +187,8 @@ def sample(
                      "thin": thin, "chain_method": chain_method}
             if not persistent:
                 return in_memory(directory, num_chains, attrs, observed)
-            _finish(directory, content, summaries, run_attrs(**attrs, run_id=content["run_id"]), observed)
+            _finish(directory, content, summaries, run_attrs(**attrs, run_id=content["run_id"]), observed,
+                    keep_params)
         return open_results(directory / RESULTS_FILE)
     finally:
         if tmp_dir is not None:
@@ -163,11 +196,15 @@ def sample(
 
 
 def _finish(directory: Path, content: dict[str, Any], summaries: list[dict[str, Any]], attrs: dict[str, Any],
-            observed: Mapping[str, np.ndarray]) -> None:
-    """Merges the verified blocks into results.nc, checks it, records its checksum and the blocks in the
-    manifest, and only then removes the blocks (they would only double the disk used)."""
-    indexes = [s["index"] for s in sorted(summaries, key=lambda s: s["chain"])]
+            observed: Mapping[str, np.ndarray], keep_params: int | None = None) -> None:
+    """Merges the verified blocks into results.nc, checks it, writes the parameter draws' ensemble.json (with
+    ``keep_params``), records results.nc's checksum and the blocks in the manifest, and only then removes the
+    blocks (they would only double the disk used)."""
+    summaries = sorted(summaries, key=lambda s: s["chain"])
+    indexes = [s["index"] for s in summaries]
     merge(directory, indexes, directory / RESULTS_FILE, attrs, observed)
+    if keep_params:
+        write_index(directory, [s["params"] for s in summaries], keep_params)
     write_manifest(directory, {**content, "blocks": indexes, "results": file_entry(directory / RESULTS_FILE)})
     for chain in range(len(indexes)):
         for warmup in (False, True):

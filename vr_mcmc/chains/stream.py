@@ -1,4 +1,5 @@
-"""The data side of a chain: the data as (N, fetch), and the resumable stream of minibatch indices."""
+"""The data side of a chain: the data as (N, fetch), and the resumable stream of minibatch indices
+(DataLoaders and other iterables of ``(idx, *batch)``: `vr_mcmc.chains.loader`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BlockStream", "IndexStream", "as_data", "chain_seeds", "index_stream"]
+__all__ = ["BlockStream", "IndexStream", "TensorBatches", "as_data", "chain_seeds", "index_stream"]
 
 
 def chain_seeds(seed: int, chain: int) -> tuple[int, int]:
@@ -29,11 +30,18 @@ class IndexStream:
         self.epoch, self.position = 0, 0
         self._order: torch.Tensor | None = None
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_data, generator=gen)
+
     def _permutation(self) -> torch.Tensor:
         if self._order is None:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(self.num_data, generator=gen)
+            self._order = self._epoch_order(self.epoch)
         return self._order
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """Every batch of epoch ``epoch``, in the order `next` gives them (the stream's state is left alone)."""
+        return list(self._epoch_order(epoch).split(self.batch_size))
 
     def next(self) -> torch.Tensor:
         if self.position >= self.num_data:
@@ -72,18 +80,28 @@ class BlockStream:
         self.epoch, self.position = 0, 0
         self._order: torch.Tensor | None = None
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(_order_seed(self.seed, epoch))
+        return torch.randperm(self.partition.num_blocks, generator=gen)
+
     def _permutation(self) -> torch.Tensor:
         if self._order is None:
-            gen = torch.Generator().manual_seed(_order_seed(self.seed, self.epoch))
-            self._order = torch.randperm(self.partition.num_blocks, generator=gen)
+            self._order = self._epoch_order(self.epoch)
         return self._order
+
+    def _union(self, chosen: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.partition.blocks[j] for j in chosen.tolist()])
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """Every batch of epoch ``epoch``, in the order `next` gives them (the stream's state is left alone)."""
+        return [self._union(chosen) for chosen in self._epoch_order(epoch).split(self.blocks_per_batch)]
 
     def next(self) -> torch.Tensor:
         if self.position >= self.partition.num_blocks:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         chosen = self._permutation()[self.position : self.position + self.blocks_per_batch]
         self.position += chosen.numel()
-        return torch.cat([self.partition.blocks[j] for j in chosen.tolist()])
+        return self._union(chosen)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -102,8 +120,37 @@ def index_stream(sampler: Any, num_data: int, batch_size: int, seed: int) -> Ind
     return IndexStream(num_data, batch_size, seed)
 
 
+class TensorBatches:
+    """The batches of a chain over tensors or a map-style dataset: the indices of its `IndexStream` /
+    `BlockStream` and the data at them. ``next()`` -> (indices, batch tuple); its state is the stream's."""
+
+    def __init__(self, data: Any, stream: IndexStream | BlockStream):
+        self.num_data, self.fetch = as_data(data)
+        self.stream = stream
+
+    def next(self) -> tuple[torch.Tensor, tuple]:
+        idx = self.stream.next()
+        return idx, self.fetch(idx)
+
+    def full_batch(self) -> tuple:
+        """All the data, in order (for closure samplers: MALA, HMC, NUTS)."""
+        return self.fetch(torch.arange(self.num_data))
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
+
+
 def as_data(data: Any) -> tuple[int, Callable[[torch.Tensor], tuple]]:
-    """(N, fetch(indices) -> batch tuple) for a tuple of tensors or a map-style dataset."""
+    """(N, fetch(indices) -> batch tuple) for a tuple of tensors, a map-style dataset, or an object with
+    ``num_data`` and ``fetch`` (a rank's `vr_mcmc.distributed.Shard`)."""
+    if hasattr(data, "num_data") and callable(getattr(data, "fetch", None)):
+        return data.num_data, data.fetch
     if isinstance(data, torch.Tensor):
         data = (data,)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
@@ -114,9 +161,15 @@ def as_data(data: Any) -> tuple[int, Callable[[torch.Tensor], tuple]]:
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         from torch.utils.data import default_collate
 
+        from ..data import IndexedDataset
+
+        # an IndexedDataset's items start with their index, which the driver knows: loss_fn gets the rest, as
+        # it does from tensors and from a DataLoader
+        start = 1 if isinstance(data, IndexedDataset) else 0
+
         def fetch(idx: torch.Tensor) -> tuple:
             batch = default_collate([data[i] for i in idx.tolist()])
-            return tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+            return tuple(batch)[start:] if isinstance(batch, (list, tuple)) else (batch,)
 
         return len(data), fetch
     raise TypeError("data must be a tensor, a tuple of tensors (X, y, ...) or a map-style Dataset")

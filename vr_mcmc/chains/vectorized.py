@@ -31,6 +31,7 @@ from ..estimators.stacked_saga import fits as saga_fits
 from .batched import BatchedGradients, VectorizeError
 from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
+from .stream import TensorBatches
 
 __all__ = ["VectorizeError", "check_vectorizable", "run_vectorized"]
 
@@ -49,7 +50,7 @@ class _EngineView:
         self.reps: dict[str, Any] | None = None
         self.grads: dict[str, torch.Tensor] = {}
 
-    def collect(self) -> dict[str, Any]:
+    def collect(self, check: bool = False) -> dict[str, Any]:
         from ..per_example import PerExampleError
 
         if self.reps is None:
@@ -110,8 +111,8 @@ class VectorizedGroup:
         self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         self.closure_sampler = first.closure_sampler
         data = spec["data"]
-        self.tensor_data = isinstance(data, torch.Tensor) or (
-            isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data))
+        self.tensor_data = isinstance(first.stream, TensorBatches) and (isinstance(data, torch.Tensor) or (
+            isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)))
         # plain SGLD chains: one stacked update (torch_sample.vectorized) instead of C sampler steps
         kinds = {langevin_fits(r.sampler) for r in self.runners}
         self.fast = kinds.pop() if len(kinds) == 1 else None
@@ -121,7 +122,7 @@ class VectorizedGroup:
             self.order = [index[id(p)] for p in first.sampler.param_groups[0]["params"]]
         self.threads: list[ChainThread] = []
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
-            self.full_batch = first.fetch(torch.arange(first.num_data))
+            self.full_batch = first.stream.full_batch()
             self.threads = [ChainThread(f"vr_mcmc chain {c}") for c in chains]
 
     def _check_loss_reduction(self, template: torch.nn.Module) -> None:
@@ -132,10 +133,10 @@ class VectorizedGroup:
             return
         stream = self.runners[0].stream
         state = stream.state_dict()
-        idx = stream.next()
-        stream.load_state_dict(state)  # the chain draws this batch again
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            loss = self.spec["loss_fn"](template, self.runners[0].fetch(idx))
+            _, batch = stream.next()
+            loss = self.spec["loss_fn"](template, batch)
+        stream.load_state_dict(state)  # the chain draws this batch again
         sampler._check_loss_reduction(loss)
         for runner in self.runners:  # one warning for the run, as for a sequential chain
             runner.sampler._loss_checked = True
@@ -174,15 +175,16 @@ class VectorizedGroup:
         """Each active chain's next batch indices (its own stream); the chains' batches stacked [C, B, ...] (an
         inactive chain, one already further on after a resume, computes on an active one's batch, unused)."""
         indices: list[torch.Tensor | None] = [None] * len(self.runners)
+        if self.tensor_data:  # the indices from each chain's stream, then one gather of [C, B] indices
+            for k in active:
+                indices[k] = self.runners[k].stream.stream.next()
+            fill = indices[active[0]]
+            return indices, self.runners[0].stream.fetch(torch.stack([i if i is not None else fill for i in indices]))
+        parts: list[tuple | None] = [None] * len(self.runners)
         for k in active:
-            indices[k] = self.runners[k].stream.next()
-        fill = indices[active[0]]
-        filled = [i if i is not None else fill for i in indices]
-        fetch = self.runners[0].fetch
-        if self.tensor_data:  # one gather of [C, B] indices
-            return indices, fetch(torch.stack(filled))
-        parts = [fetch(i) for i in filled]
-        return indices, tuple(torch.stack(ts) for ts in zip(*parts))
+            indices[k], parts[k] = self.runners[k].stream.next()
+        fill = parts[active[0]]
+        return indices, tuple(torch.stack(ts) for ts in zip(*[p if p is not None else fill for p in parts]))
 
     def _per_example(self, active: list[int]) -> bool:
         """Whether an active chain's estimator reads per-example gradients this step: a table (SAGA) always, the
@@ -338,13 +340,16 @@ class VectorizedGroup:
                     runner.flush()
             raise
         finally:
+            for runner in self.runners:
+                with contextlib.suppress(Exception):
+                    runner.stream.close()  # a DataLoader's worker processes
             for thread in self.threads:
                 with contextlib.suppress(Exception):
                     thread.close()
             if bar is not None:
                 bar.close()
-        return [{"chain": r.chain, "elapsed": r.elapsed + time.perf_counter() - r.start_time, "index": r.index}
-                for r in self.runners]
+        return [{"chain": r.chain, "elapsed": r.elapsed + time.perf_counter() - r.start_time, "index": r.index,
+                 "params": None if r.param_files is None else r.param_files.index} for r in self.runners]
 
 
 def _why(exc: BaseException) -> str:

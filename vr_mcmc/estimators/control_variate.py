@@ -80,8 +80,7 @@ class ControlVariate(Estimator):
     @torch.no_grad()
     def _swap(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         saved = [p.detach().clone() for p in self.params]
-        for p, v in zip(self.params, values):
-            p.copy_(v)
+        torch._foreach_copy_(self.params, list(values))
         return saved
 
     def full_gradient(self) -> list[torch.Tensor]:
@@ -89,6 +88,17 @@ class ControlVariate(Estimator):
 
         Randomized layers (`vr_mcmc.rad`) run exact here: μ̃ is the exact full gradient.
         """
+        total, count = self._summed_pass()
+        if count != self.num_data:
+            raise ValueError(
+                f"the full-gradient pass over loader visited {count} examples but num_data={self.num_data}: the "
+                "loader must cover the whole data set once (no drop_last, no sampling with replacement)"
+            )
+        return total
+
+    def _summed_pass(self) -> tuple[list[torch.Tensor], int]:
+        """(Σ g_j over the examples ``loader`` yields, their number): the pass `full_gradient` checks and a
+        data-parallel rank all-reduces (`vr_mcmc.distributed`)."""
         total = [torch.zeros_like(p) for p in self.params]
         count = 0
         for batch in self.loader:
@@ -101,17 +111,13 @@ class ControlVariate(Estimator):
                 if g is not None:
                     t.add_(batch_sum(g, b, self.loss_reduction))
             count += b
-        if count != self.num_data:
-            raise ValueError(
-                f"the full-gradient pass over loader visited {count} examples but num_data={self.num_data}: the "
-                "loader must cover the whole data set once (no drop_last, no sampling with replacement)"
-            )
-        return total
+        return total, count
 
     def estimate(self, indices, closure):
         b = None if indices is None else int(indices.numel())
         info: dict[str, Any] = {"refreshed": False}
         evals = 0
+        self._check_due = self.spot_check_due()
         here_reps = self._per_example()  # before the full-gradient pass replaces the engine's batch
         if self._refresh_due():
             self.centre = self._new_centre()
@@ -145,9 +151,12 @@ class ControlVariate(Estimator):
         if here_reps is not None and centre_reps is not None:
             diffs = [None if a is None or c is None else combine([a, c * -1.0]) for a, c in zip(here_reps, centre_reps)]
             info["noise_var"] = sampling_variance(diffs, [None] * len(diffs), self.num_data)
-        for p, g, mu in zip(self.params, here, self.full_grad):
-            g_centre = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.grad = mu + (g - g_centre) * scale
+        # μ̃ + (g(θ) − g(θ̃))·scale for all parameters at once (the same arithmetic per element)
+        at_centre = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        moved = torch._foreach_sub(here, at_centre)
+        torch._foreach_mul_(moved, scale)
+        for p, v in zip(self.params, torch._foreach_add(self.full_grad, moved)):
+            p.grad = v
         self.steps += 1
         info["grad_evals"] = None if b is None else 2 * b + evals
         return info

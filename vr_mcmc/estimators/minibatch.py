@@ -20,6 +20,7 @@ class Minibatch(Estimator):
     def estimate(self, indices, closure):
         b = None if indices is None else int(indices.numel())
         info = {"grad_evals": b}
+        self._check_due = self.spot_check_due()
         reps = self._per_example()
         if reps is not None:
             size = next((r.batch_size for r in reps if r is not None), 0)

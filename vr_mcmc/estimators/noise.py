@@ -31,8 +31,7 @@ def sampling_variance(
     ``sums[p]``: Σ_j d_j if the caller has it (else computed). NaN for a batch of one row.
     """
     out = torch.full((len(diffs),), float("nan"), dtype=torch.float64)
-    values = []
-    where = []
+    squares, totals, where, sizes = [], [], [], []
     for k, (rep, total) in enumerate(zip(diffs, sums)):
         if rep is None:
             continue
@@ -40,10 +39,14 @@ def sampling_variance(
         if b < 2:
             continue
         total = rep.sum() if total is None else total
-        sq = rep.sq_norms().to(torch.float64).sum()
-        s2 = (sq - total.to(torch.float64).square().sum() / b) / (b - 1)
-        values.append(s2.clamp_min(0.0) * (num_rows**2 / b) * (1.0 - b / num_rows))
+        squares.append(rep.sq_norms().to(torch.float64).sum())
+        totals.append(total.to(torch.float64).square().sum())
         where.append(k)
-    if values:
-        out[where] = torch.stack(values).cpu()
+        sizes.append(b)
+    if where:
+        # The same float64 arithmetic as one parameter at a time, on all of them at once.
+        sq, tot = torch.stack(squares), torch.stack(totals)
+        b = torch.tensor(sizes, dtype=torch.float64, device=sq.device)
+        s2 = (sq - tot / b) / (b - 1)
+        out[where] = (s2.clamp_min(0.0) * (num_rows**2 / b) * (1.0 - b / num_rows)).cpu()
     return out

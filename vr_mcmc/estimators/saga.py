@@ -138,11 +138,12 @@ class SAGA(Estimator):
     def estimate(self, indices, closure):
         b = int(indices.numel())
         # A forgotten zero_grad() repeats on every step: checking the first steps and then every 64th finds it
-        # before the chain has diverged, at a negligible share of the step (every step: 10% of a small model's)
-        self._estimates = getattr(self, "_estimates", 0) + 1
-        if self._estimates <= 8 or self._estimates % 64 == 0:
+        # before the chain has diverged, at a negligible share of the step (every step: 10% of a small model's);
+        # the engine's consistency check on the same schedule (every step: more than an SGLD step on the demo MLP)
+        due = self.spot_check_due()
+        if due:
             self.check_grad_is_the_batchs()
-        reps = self.engine.collect()
+        reps = self._collect(due)
         old = self.table.sum_rows(indices)
         if self._row_scale_is_one:
             scale = 1.0
@@ -150,17 +151,21 @@ class SAGA(Estimator):
             scale = self.table.num_rows / self.table.partition.rows(indices).numel()
         else:
             scale = self.num_data / b
-        sums = {}
-        total = self.table.total
         diagnose = self.diagnose and not self._row_scale_is_one
         if diagnose:  # SAGA's noise: the spread of g_j − h_j over the batch's rows
             diffs = self.table.row_differences(indices, reps)
-        for name, p in self.covered:
-            g = grad_or_zeros(p)
-            s = batch_sum(g, b, self.loss_reduction)
-            sums[name] = s
-            # before update() moves total; a new tensor, since s may alias g (sum reduction)
-            v = torch.add(total[name], s.to(total[name].dtype) - old[name], alpha=scale)
+        # All covered parameters at once (torch._foreach_*: the same arithmetic per element as one at a time,
+        # without a Python round trip per parameter and operation).
+        names = [n for n, _ in self.covered]
+        grads = [grad_or_zeros(p) for _, p in self.covered]
+        totals = [self.table.total[n] for n in names]
+        olds = [old[n] for n in names]
+        # Σ_{i∈S} g_i: B·(the gradient of the batch mean), or the gradient of the batch sum
+        sums = torch._foreach_mul(grads, b) if self.loss_reduction == "mean" else list(grads)
+        # s − h_S before update() moves total; new tensors, since s may alias g (sum reduction)
+        moved = torch._foreach_sub([sm.to(t.dtype) for sm, t in zip(sums, totals)], olds)
+        estimates = torch._foreach_add(totals, moved, alpha=scale)
+        for (_, p), g, v in zip(self.covered, grads, estimates):
             p.grad = v.to(g.dtype)
         self._warn_uncovered()
         minibatch = self._scale(b)
@@ -168,10 +173,9 @@ class SAGA(Estimator):
             grad_or_zeros(p).mul_(minibatch)
         info = {"grad_evals": b}
         if diagnose:
-            names = [n for n, _ in self.covered]
-            var = sampling_variance([diffs[n] for n in names], [sums[n] - old[n] for n in names], self.table.num_rows)
+            var = sampling_variance([diffs[n] for n in names], moved, self.table.num_rows)
             info["noise_var"] = self._align(var)
-        self.table.update(indices, reps, sums)
+        self.table.update(indices, reps, dict(zip(names, sums)))
         return info
 
     def _align(self, covered: torch.Tensor) -> torch.Tensor:

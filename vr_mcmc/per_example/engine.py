@@ -127,14 +127,17 @@ class PerExampleGradients:
     (mean) or 1 (sum); with ``check=True`` (the default) `collect` verifies this for every
     parameter by random probes and raises rather than return per-example gradients that do not
     add up (about 0.1 ms per parameter on a CPU; ``check=False`` skips it in a hot loop once a
-    model is known to be covered).
+    model is known to be covered). The samplers keep the check's cost in proportion by running
+    it as a spot check: on their first 8 steps, then every 64th (``collect(check=False)`` between;
+    see `vr_mcmc.estimators.base.Estimator.spot_check_due` for what that still detects).
 
     The batch is dimension 0 of every layer input. A batch is what the forwards (with gradients
     enabled) between two backward passes computed: the model may be called several times per
     loss. Layers with a registered rule (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm,
     RMSNorm, InstanceNorm, BatchNorm in eval mode) are computed from their saved input and output
     gradient; any other module with parameters goes through torch.func on its saved input.
-    BatchNorm on batch statistics mixes examples and raises `MixedExamplesError` when it runs.
+    BatchNorm on batch statistics mixes examples and raises `MixedExamplesError` when it runs
+    (`vr_mcmc.per_example.replace_batchnorm` or `freeze_batchnorm` make a model acceptable).
 
     The representations returned hold views of the batch's activations: they stay valid until
     the inputs are modified in place.
@@ -226,9 +229,10 @@ class PerExampleGradients:
         if torch.is_grad_enabled() and _uses_batch_statistics(module):
             raise MixedExamplesError(
                 f"layer '{name}' ({type(module).__name__}) normalizes with batch statistics, which mixes "
-                "the examples of a batch, so per-example gradients are undefined. Put it in eval mode "
-                f"(model.get_submodule('{name}').eval() uses its running statistics) or replace it with "
-                "GroupNorm or LayerNorm."
+                "the examples of a batch, so per-example gradients are undefined. Replace it with GroupNorm "
+                "(vr_mcmc.per_example.replace_batchnorm(model)), or fix its running statistics "
+                "(vr_mcmc.per_example.freeze_batchnorm(model, inputs=...) estimates them once and keeps the layer "
+                f"in eval mode; model.get_submodule('{name}').eval() uses the ones it holds)."
             )
 
     def _store_grad(self, call: _Call, k: int, grad: torch.Tensor) -> None:
@@ -329,11 +333,13 @@ class PerExampleGradients:
 
     # -- results -------------------------------------------------------------------------------
 
-    def collect(self) -> dict[str, PerExampleGradient]:
+    def collect(self, *, check: bool | None = None) -> dict[str, PerExampleGradient]:
         """Per-example gradients of the last batch, one representation per trainable parameter.
 
         Keys are parameter names as in ``model.named_parameters()``. A parameter that took no part
-        in the loss gets zeros (stored as one broadcast element).
+        in the loss gets zeros (stored as one broadcast element). ``check``: run the consistency
+        check on this batch (default: the engine's ``check``); samplers pass False on the steps
+        between their spot checks (`vr_mcmc.estimators.base.Estimator.spot_check_due`).
         """
         if not self.parameter_names:
             return {}
@@ -382,7 +388,7 @@ class PerExampleGradients:
         for name, p in self.parameter_names.items():
             reps = per_param.get(id(p))
             out[name] = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
-        if self.check:
+        if self.check if check is None else check:
             try:
                 self._consistency.run(
                     out, self.parameter_names, self._param_grads,

@@ -33,14 +33,18 @@ class Store:
     def __init__(self, shape: torch.Size, compute_dtype: torch.dtype):
         self.shape = torch.Size(shape)
         self.compute_dtype = compute_dtype
-        # (rows, their sum, the sum's version) since the last write
-        self._cached: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # (rows, their version, their sum, the sum's version) since the last write
+        self._cached: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
+        self._gathered: tuple | None = None  # (rows, the stored tensors' versions, rows_rep(rows)); see gather
+        self._lossless: bool | None = None
 
     @property
     def lossless(self) -> bool:
         """Whether a row is stored exactly as given (no compression, no rounding to a lower dtype)."""
-        return self.kind != "lowrank" and all(t.dtype == self.compute_dtype or not t.is_floating_point()
-                                              for t in self._tensors())
+        if self._lossless is None:  # fixed at construction
+            self._lossless = self.kind != "lowrank" and all(
+                t.dtype == self.compute_dtype or not t.is_floating_point() for t in self._tensors())
+        return self._lossless
 
     @property
     def nbytes(self) -> int:
@@ -57,12 +61,30 @@ class Store:
         """The stored rows as a representation in ``dtype`` (default: the compute dtype)."""
         raise NotImplementedError
 
+    def gather(self, rows: torch.Tensor) -> PerExampleGradient:
+        """``rows_rep(rows)`` in the compute dtype, kept for the same ``rows`` tensor until the stored rows
+        change (their version counters): SAGA reads a batch's old rows for their sum and for its noise
+        diagnostic."""
+        tensors = self._tensors()
+        if torch.is_inference_mode_enabled() or rows.is_inference() or any(t.is_inference() for t in tensors):
+            # no version counters to go by
+            return self.rows_rep(rows)
+        versions = tuple(t._version for t in tensors)
+        memo = self._gathered
+        if memo is not None and memo[0] is rows and memo[1] == versions:
+            return memo[2]
+        rep = self.rows_rep(rows)
+        self._gathered = (rows, versions, rep)
+        return rep
+
     def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        total = self.rows_rep(rows).sum()
+        total = self.gather(rows).sum()
         # SAGA asks for Σ of a batch's old rows, then overwrites those rows: keep the sum for write()
         # (its version counter tells if the caller modified it in place since; inference tensors have
         # no version counter, so those are not kept).
-        self._cached = None if total.is_inference() else (rows.clone(), total, total._version)
+        # The rows tensor itself with its version counter, not a copy: unchanged since, it holds the same rows.
+        cached = None if total.is_inference() or rows.is_inference() else (rows, rows._version, total, total._version)
+        self._cached = cached
         return total
 
     def write(
@@ -74,12 +96,13 @@ class Store:
         new rows when they are stored exactly (a lossless store).
         """
         cached = self._cached
-        if (cached is not None and cached[1]._version == cached[2] and cached[0].shape == rows.shape
-                and torch.equal(cached[0], rows)):
-            old = cached[1]
+        if (cached is not None and cached[0]._version == cached[1] and cached[2]._version == cached[3]
+                and (cached[0] is rows or (cached[0].shape == rows.shape and torch.equal(cached[0], rows)))):
+            old = cached[2]
         else:
             old = self.rows_rep(rows).sum()
         self._cached = None
+        self._gathered = None
         self._put(rows, rep)
         if new_sum is not None and self.lossless:
             return new_sum, old

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -112,6 +113,7 @@ class GradientTable:
         self._exact = {n: torch.zeros_like(self._total[n], dtype=torch.float64) for n in low}
         self._recent = {n: torch.zeros_like(self._total[n]) for n in low}
         self._since_fold = 0
+        self._last_rows: tuple | None = None  # (indices, their version, _rows' answer)
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -179,7 +181,20 @@ class GradientTable:
     # -- rows ---------------------------------------------------------------------------------
 
     def _rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows touched by a batch and, with partition sampling, each example's position among them."""
+        """Rows touched by a batch and, with partition sampling, each example's position among them.
+
+        SAGA asks for the same batch's rows three times a step (``sum_rows``, ``row_differences``, ``update``):
+        the last answer is kept for the same index tensor, unchanged since (its version counter), and the
+        checks (two host syncs and a sort) run once."""
+        memo = self._last_rows
+        if memo is not None and memo[0] is indices and memo[1] == indices._version:
+            return memo[2]
+        found = self._find_rows(indices)
+        if isinstance(indices, torch.Tensor) and not (indices.is_inference() or torch.is_inference_mode_enabled()):
+            self._last_rows = (indices, indices._version, found)
+        return found
+
+    def _find_rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = torch.as_tensor(indices)
         if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
             raise TypeError(f"indices must be integer example indices, got dtype {idx.dtype}")
@@ -227,7 +242,7 @@ class GradientTable:
         if not self.stores:
             self._allocate({n: grads[n] for n in self.params})
         rows = rows.to(self.device)
-        checks = []
+        totals, news, olds = [], [], []
         for n, store in self.stores.items():
             given = None if sums is None else sums.get(n)
             new, old = store.write(rows, grads[n], None if given is None else given.to(self.device))
@@ -235,16 +250,25 @@ class GradientTable:
             storage = total.untyped_storage().data_ptr()
             # In place, without temporaries; a sum that is the total itself must be copied first.
             new, old = (t.clone() if t.untyped_storage().data_ptr() == storage else t for t in (new, old))
-            total.add_(new.to(total.dtype)).sub_(old.to(total.dtype))
-            if n in self._recent:
-                self._recent[n].add_(new.to(total.dtype)).sub_(old.to(total.dtype))
-            checks.append(total.sum())
+            totals.append(total)
+            news.append(new.to(total.dtype))
+            olds.append(old.to(total.dtype))
+        # total += new − old for all parameters at once (per element the same two roundings as one at a time)
+        torch._foreach_add_(totals, news)
+        torch._foreach_sub_(totals, olds)
+        recent = [k for k, n in enumerate(self.stores) if n in self._recent]
+        if recent:
+            names = list(self.stores)
+            torch._foreach_add_([self._recent[names[k]] for k in recent], [news[k] for k in recent])
+            torch._foreach_sub_([self._recent[names[k]] for k in recent], [olds[k] for k in recent])
         # A non-finite row (an overflow in a low storage dtype, a diverging step) would leave a total
-        # at inf/NaN for good: recompute such totals from the rows as stored (one host sync here).
-        finite = torch.isfinite(torch.stack(checks)).tolist()
-        for n, ok in zip(self.stores, finite):
-            if not ok:
-                self._recompute(n)
+        # at inf/NaN for good: recompute such totals from the rows as stored (one host sync here). The
+        # max-norm is non-finite exactly when an element is (NaN propagates).
+        norms = torch.stack(torch._foreach_norm(totals, ord=math.inf))
+        if not math.isfinite(float(norms.sum())):  # the sum of non-negative norms is finite iff each is
+            for n, ok in zip(self.stores, torch.isfinite(norms).tolist()):
+                if not ok:
+                    self._recompute(n)
         self._since_fold += 1
         if self._since_fold >= FOLD_EVERY:
             self._fold()
@@ -270,7 +294,7 @@ class GradientTable:
         if not self.stores:
             return {n: grads[n] for n in self.params}
         rows = rows.to(self.device)
-        return {n: combine([grads[n], store.rows_rep(rows) * -1.0]) for n, store in self.stores.items()}
+        return {n: combine([grads[n], store.gather(rows) * -1.0]) for n, store in self.stores.items()}
 
     def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ of the stored rows of a batch's examples (with partition sampling: of its blocks)."""
