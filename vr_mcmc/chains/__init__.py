@@ -23,13 +23,15 @@ A directory holding another run, or a damaged checkpoint, is refused and left as
 Modules, one concept each: `stream` (the data and the minibatch index stream), `loader` (DataLoaders and other
 iterables of indexed batches), `blocks` (draw files and their merge), `checkpoint` (manifest, per-chain state, the
 checkpoint directory), `params` (parameter draws kept with ``keep_params``: safetensors files and their index, read
-by `vr_mcmc.PosteriorEnsemble`), `runner` (one chain), `parallel` (chains in worker processes), `sampling` (the
-public `sample`). Several ranks of torch.distributed (torchrun): `vr_mcmc.distributed`.
+by `vr_mcmc.PosteriorEnsemble`), `runner` (one chain), `parallel` (chains in worker processes), `vectorized`
+(chains as one batched computation; `batched` its vmapped loss and gradients, `lockstep` the closure samplers'
+turns), `sampling` (the public `sample`). Several ranks of torch.distributed (torchrun): `vr_mcmc.distributed`.
 """
 
+from .batched import VectorizeError
 from .checkpoint import CheckpointError
 from .sampling import sample
 from .stream import IndexStream as _IndexStream  # noqa: F401  (the name before the split; tests use it)
 from .stream import chain_seeds
 
-__all__ = ["CheckpointError", "chain_seeds", "sample"]
+__all__ = ["CheckpointError", "VectorizeError", "chain_seeds", "sample"]

@@ -102,12 +102,15 @@ class ChainRunner:
                 self.blocks[kind] += 1
                 self.buffers[kind] = {}
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
     def flush_and_checkpoint(self) -> None:
         self.flush()
         if self.spec["persistent"]:
             size = self.ckpt_path.stat().st_size if self.ckpt_path.exists() else 0
             needed = max(2 * size, 4 * sum(p.numel() * p.element_size() for p in self.model.parameters())) + 2**16
-            save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model.state_dict(),
+            save_atomic({"step": self.step, "blocks": dict(self.blocks), "model": self.model_state(),
                          "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                          "stream": self.stream.state_dict(), "index": self.index, "grad_evals": self.grad_evals,
                          "params": None if self.param_files is None else self.param_files.state_dict(),

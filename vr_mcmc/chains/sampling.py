@@ -22,6 +22,7 @@ from .parallel import check_main_guard, run_parallel
 from .params import check_keep_params, repair_index, write_index
 from .preflight import preflight
 from .runner import run_chain
+from .vectorized import run_vectorized
 
 __all__ = ["SMALL_MODEL", "sample"]
 
@@ -30,6 +31,7 @@ __all__ = ["SMALL_MODEL", "sample"]
 # shared with other jobs (`python benchmarks/threads.py`, SAGA-LD): MLP 64-32-10, B=32: 2.5 ms a step on one
 # thread, 11.4 ms on two; MLP 784-512-512-10 (670k parameters), B=128: 35 ms vs 287 ms.
 SMALL_MODEL = 1_000_000
+CHAIN_METHODS = ("sequential", "parallel", "vectorized")
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -59,6 +61,7 @@ def sample(
     progress: bool = True,
     save_warmup: bool = False,
     num_threads: int | None = None,
+    max_vectorized: int | None = None,
     keep_params: int | None = None,
     data_parallel: bool = False,
     process_group: Any = None,
@@ -80,6 +83,19 @@ def sample(
     each chain in its own process (spawn; one torch thread each; the functions must be picklable,
     i.e. defined at module level) and gives the draws of ``"sequential"``. ``checkpoint``: a
     directory for the draws and the resumable state, saved every ``checkpoint_every`` draws.
+    ``chain_method="vectorized"`` runs the chains as one batched computation (DESIGN.md §13,
+    `vr_mcmc.chains.vectorized`): the chains' parameters stacked with a leading chain dimension, ``loss_fn`` under
+    ``torch.vmap`` of ``torch.func.functional_call``, per-example gradients for SAGA-LD's table from the same
+    batched pass; every sampler (the SG family, SAGA-LD/SVRG-LD/SGLD-CV, ULA/MALA/HMC/NUTS with per-chain adaptation
+    and trees). Plain SGLD, and SAGA-LD with ``noise_ratio_every=0``, update all chains (and SAGA's tables, stacked)
+    in one step; the other samplers step per chain on the batched gradients (SVRG-LD/SGLD-CV are not batched: their
+    closures, at θ and at the centre, run on each chain's own model). Chain c is sequential chain c with the same
+    seed (same init, batches and noise) up to float rounding of the batched sums, with the same output and
+    checkpoint files (a sequential checkpoint resumes vectorized; not for SAGA-LD on a model with parameters outside
+    Linear layers, whose table rows the vectorized pass computes dense where the engine stores factors). The model
+    and loss must be vmappable (no data-dependent Python control flow, no in-place update of a tensor that is not a
+    buffer, no random operations such as dropout in training mode): otherwise a `VectorizeError` before any draw
+    names the cause. ``max_vectorized=k``: at most k chains per batched computation (groups run one after another).
     ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
@@ -111,8 +127,16 @@ def sample(
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
     check_keep_params(keep_params, checkpoint, num_samples // thin)
-    if chain_method not in ("sequential", "parallel"):
-        raise ValueError(f"chain_method must be 'sequential' or 'parallel', got {chain_method!r}")
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+    if max_vectorized is not None:
+        _check_int("max_vectorized", max_vectorized, 1)
+        if chain_method != "vectorized":
+            raise ValueError(f"max_vectorized={max_vectorized} caps the chains of chain_method='vectorized'; "
+                             f"this run's chain_method is {chain_method!r}")
+    if chain_method == "vectorized" and (process_group is not None or data_parallel):
+        raise ValueError("chain_method='vectorized' runs on one process: it does not combine with process_group= or "
+                         "data_parallel=True (torch.distributed); use chain_method='sequential' across ranks")
     if chain_method == "parallel" and not process_group and not data_parallel:
         check_main_guard()
     for name, fn in (("model_fn", model_fn), ("sampler_fn", sampler_fn), ("loss_fn", loss_fn)):
@@ -131,7 +155,7 @@ def sample(
                 log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=None,
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=num_threads,
-                keep_params=keep_params)
+                keep_params=keep_params, vectorized=chain_method == "vectorized", max_vectorized=max_vectorized)
     from ..distributed.group import resolve
 
     comm = resolve(process_group, bool(data_parallel))
@@ -200,9 +224,17 @@ def _run_chains(spec: dict[str, Any]) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            if spec.get("vectorized"):
+                if spec.get("threads"):
+                    torch.set_num_threads(spec["threads"])
+                return run_vectorized(spec)
             return [run_chain(spec, c) for c in range(spec["num_chains"])]
     finally:
         torch.set_num_threads(threads)  # run_chain sets spec["threads"]: the caller's setting comes back
+
+
+def _method(spec: dict[str, Any]) -> str:
+    return "parallel" if spec["parallel"] else "vectorized" if spec.get("vectorized") else "sequential"
 
 
 def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[str, np.ndarray],
@@ -212,7 +244,7 @@ def _attach_partial(exc: BaseException, spec: dict[str, Any], observed: Mapping[
     checkpoint directory, where a call with the same arguments resumes; None without ``checkpoint=``)."""
     directory = Path(spec["directory"])
     attrs = {"sampling_time": wall, "tuning_steps": spec["num_warmup"], "num_chains": spec["num_chains"],
-             "thin": spec["thin"], "chain_method": "parallel" if spec["parallel"] else "sequential"}
+             "thin": spec["thin"], "chain_method": _method(spec)}
     drawn = any(ChainBlocks(directory, c, w).paths() for c in range(spec["num_chains"]) for w in (False, True))
     try:
         partial = in_memory(directory, spec["num_chains"], attrs, observed, partial=True) if drawn else None
