@@ -366,3 +366,19 @@ def test_a_summed_loss_is_warned_about_as_in_sequential_chains():
 def test_vectorized_does_not_combine_with_data_parallel():
     with pytest.raises(ValueError, match="one process"):
         run(sgld, "vectorized", data_parallel=True)
+
+
+@pytest.mark.parametrize("sampler_fn", [sgld, sagald_stacked])
+def test_kept_parameters_of_vectorized_chains_are_the_sequential_ensemble(tmp_path, sampler_fn):
+    """keep_params with vectorized chains (whose parameters are views into stacked tensors): the ensemble has the
+    sequential run's draws, each state dict within ATOL of the sequential one (float32 reduction order)."""
+    seq = run(sampler_fn, "sequential", keep_params=4, checkpoint=tmp_path / "seq")
+    vec = run(sampler_fn, "vectorized", keep_params=4, checkpoint=tmp_path / "vec")
+    assert_same_draws(seq, vec)
+    a = vr_mcmc.PosteriorEnsemble(tmp_path / "seq", model_fn())
+    b = vr_mcmc.PosteriorEnsemble(tmp_path / "vec", model_fn())
+    assert len(a) == len(b) == 3 * 10 and a.draw_indices == b.draw_indices
+    for i in range(len(a)):
+        for name, value in a[i].items():
+            torch.testing.assert_close(b[i][name], value, atol=ATOL, rtol=0)
+    assert not torch.equal(a[0]["0.weight"], a[len(a) - 1]["0.weight"])  # the chains moved
