@@ -382,3 +382,19 @@ def test_kept_parameters_of_vectorized_chains_are_the_sequential_ensemble(tmp_pa
         for name, value in a[i].items():
             torch.testing.assert_close(b[i][name], value, atol=ATOL, rtol=0)
     assert not torch.equal(a[0]["0.weight"], a[len(a) - 1]["0.weight"])  # the chains moved
+
+
+def test_a_factored_table_from_a_sequential_run_is_refused_for_a_dense_vectorized_pass(tmp_path):
+    """A sequential SAGA-LD run of a model with a LayerNorm (its Linear layers' rows stored factored) cut short: the
+    vectorized pass of that model gives dense per-example gradients, so resuming it vectorized is refused with the
+    fix named, and the sequential resume then still gives the uninterrupted run's draws exactly."""
+    options = dict(batch_size=10, num_warmup=0, num_samples=20, num_chains=2, seed=4, progress=False,
+                   checkpoint_every=5)
+    whole = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(_layernorm_net, sagald, _Interrupting(33), (X, Y), checkpoint=cut, **options)
+    with pytest.raises(VectorizeError, match=r"stored factored .* resume this run with chain_method='sequential'"):
+        vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=cut, chain_method="vectorized", **options)
+    resumed = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=cut, **options)
+    assert_same_draws(whole, resumed, exact=True)

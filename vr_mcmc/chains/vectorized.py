@@ -106,6 +106,7 @@ class VectorizedGroup:
             template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
         self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
                                           getattr(first.sampler, "loss_reduction", "mean"))
+        self._check_resumed_tables()
         self.trainable, self.fixed = self._stack()
         self._check_loss_reduction(template)
         self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
@@ -124,6 +125,24 @@ class VectorizedGroup:
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
             self.full_batch = first.stream.full_batch()
             self.threads = [ChainThread(f"vr_mcmc chain {c}") for c in chains]
+
+    def _check_resumed_tables(self) -> None:
+        """A gradient table resumed from a sequential checkpoint may hold factored rows (the engine's form for
+        Linear layers); the batched pass gives those only when every trainable parameter is in a Linear layer, and
+        dense per-example gradients otherwise, which such a table cannot take."""
+        if self.gradients.factored:
+            return
+        from ..storage.stores import FactoredStore
+
+        for runner in self.runners:
+            table = getattr(getattr(runner.sampler, "estimator", None), "table", None)
+            factored = [n for n, store in getattr(table, "stores", {}).items() if isinstance(store, FactoredStore)]
+            if factored:
+                raise VectorizeError(
+                    f"chain {runner.chain} resumes a gradient table whose rows of {factored[0]!r} are stored factored "
+                    "(as a sequential run stores Linear layers), but this model's vectorized pass gives dense "
+                    "per-example gradients (not every trainable parameter is in a Linear layer): resume this run "
+                    "with chain_method='sequential', or start the vectorized run in a new checkpoint directory")
 
     def _check_loss_reduction(self, template: torch.nn.Module) -> None:
         """The SG samplers' warning for a loss that is a batch sum reads the loss's autograd node, which the batched
