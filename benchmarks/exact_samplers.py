@@ -89,12 +89,19 @@ def settings(closure, theta, start, args):
     return eps, L, inv_mass
 
 
-def run_ours(closure, theta, start, eps, L, inv_mass, draws, seed):
+def counting(closure):
+    """``closure`` wrapped to count its calls, and the counter (a one-element list)."""
     calls = [0]
 
     def counted():
         calls[0] += 1
         return closure()
+
+    return counted, calls
+
+
+def run_ours(closure, theta, start, eps, L, inv_mass, draws, seed):
+    counted, calls = counting(closure)
 
     with torch.no_grad():
         theta.copy_(start)
@@ -380,11 +387,7 @@ def jax_log_density(post, data):
 
 
 def nuts_ours(closure, theta, start, warmup, draws, seed):
-    calls = [0]
-
-    def counted():
-        calls[0] += 1
-        return closure()
+    counted, calls = counting(closure)
 
     with torch.no_grad():
         theta.copy_(start)

@@ -133,13 +133,8 @@ def _agree(spec: dict[str, Any], observed: Mapping[str, np.ndarray], comm: Comm,
         value = ("ok", *local())
     except Exception as exc:
         value, mine = ("error", f"{type(exc).__name__}: {exc}"), exc
-    values = comm.all_gather_object(value, "comparing the ranks' arguments")
-    if mine is not None:
-        raise mine
-    failed = [(r, v[1]) for r, v in enumerate(values) if v[0] == "error"]
-    if failed:
-        r, message = failed[0]
-        raise DistributedError(f"rank {r} refused the run before sampling: {message}")
+    values = _all_ok(comm, value, mine, "comparing the ranks' arguments",
+                     "rank {rank} refused the run before sampling: {message}")
     base = _flatten(values[0][1])
     for r, v in enumerate(values[1:], start=1):
         other = _flatten(v[1])
@@ -211,14 +206,9 @@ def _chains(spec: dict[str, Any], comm: Comm, token: str, directory: Path, share
         finally:
             torch.set_num_threads(threads)
     beat.wait_all("the other ranks' chains")
-    statuses = comm.all_gather_object(status, "collecting the chains' summaries")
-    if error is not None:
-        raise error
-    failed = [(r, s[1]) for r, s in enumerate(statuses) if s[0] == "error"]
-    if failed:
-        r, message = failed[0]
-        raise DistributedError(f"rank {r} failed while sampling its chains: {message}. The draws and checkpoints of "
-                               "every rank are kept: fix the cause and run the same command again to resume")
+    statuses = _all_ok(comm, status, error, "collecting the chains' summaries",
+                       "rank {rank} failed while sampling its chains: {message}. The draws and checkpoints of every "
+                       "rank are kept: fix the cause and run the same command again to resume")
     summaries = [s for _, chains in statuses for s in chains]
     files = None
     if not shared:  # rank 0 cannot see this rank's draw files: send them
@@ -234,6 +224,20 @@ def _chains(spec: dict[str, Any], comm: Comm, token: str, directory: Path, share
                     tmp.write_bytes(data)
                     tmp.replace(path)
     return sorted(summaries, key=lambda s: s["chain"])
+
+
+def _all_ok(comm: Comm, status: tuple, error: BaseException | None, what: str, failure: str) -> list:
+    """Every rank's ``("ok", ...)`` or ``("error", message)``, gathered: this rank's own exception is raised as it
+    is, another rank's as a `DistributedError` (``failure`` formatted with its rank and message), so that every
+    rank stops together."""
+    statuses = comm.all_gather_object(status, what)
+    if error is not None:
+        raise error
+    failed = [(r, s[1]) for r, s in enumerate(statuses) if s[0] == "error"]
+    if failed:
+        r, message = failed[0]
+        raise DistributedError(failure.format(rank=r, message=message))
+    return statuses
 
 
 def _sha(data: bytes) -> str:
