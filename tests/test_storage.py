@@ -448,3 +448,155 @@ def test_state_dict_round_trip(config, tmp_path):
     assert restored.nbytes == table.nbytes
     with pytest.raises(ValueError, match="built with"):
         GradientTable(model, N, policy="dense").load_state_dict(table.state_dict())
+
+
+# -- the packed layout (issue 19: SAGA-LD on small models) -------------------------------------------------------
+
+
+def _saga_steps(model, x, y, table, steps, seed=3):
+    """SAGA estimates (v per parameter, flattened) of a few batches through the estimator, at fixed θ."""
+    from vr_mcmc.estimators import SAGA
+
+    engine = PerExampleGradients(model)
+    estimator = SAGA(table, engine)
+    params = [p for p in model.parameters()]
+    estimator.bind(params, N, "mean")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        idx = torch.randperm(N, generator=g)[: int(torch.randint(2, 12, (1,), generator=g))]
+        model.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        estimator.diagnose = True
+        info = estimator.estimate(idx, None)
+        theta = [p.detach().clone() for p in params]
+        out.append((idx, torch.cat([p.grad.reshape(-1) for p in params]).clone(), info["noise_var"], theta))
+        with torch.no_grad():  # move θ, so that g_i − h_i is not 0 for rows stored at another step
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    engine.remove()
+    return out
+
+
+def test_packed_saga_equals_an_independent_float64_saga_and_the_per_parameter_path():
+    """The packed table (one [rows, W] tensor, factors and dense columns side by side) gives SAGA's estimate
+    v = Σ_j h_j + (N/b)·Σ_{i∈S}(g_i − h_i) of a dense float64 reference table filled from per-example gradients of a
+    Python loop, to 1e-10; the same steps with packing switched off (the per-parameter stores, views of the same
+    memory) give the same estimates and noise variances to 1e-12."""
+    model, x, y = _problem()
+    table = GradientTable(model, N)
+    runs = _saga_steps(model, x, y, table, 12)
+    packed = table.packed_rows()
+    assert packed is not None
+    kinds = dict((n, kind) for n, (kind, _) in table.plan().items())
+    assert kinds["3.weight"] == "factored" and kinds["3.bias"] == "dense"  # exact layouts kept, just side by side
+    for store in table.stores.values():
+        for t in store.state_tensors():
+            assert t.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
+    # the reference: dense rows of every parameter from the loop's per-example gradients
+    names = [n for n, p in model.named_parameters()]
+    rows = torch.zeros(N, sum(p.numel() for p in model.parameters()), dtype=F64)
+    for idx, estimate, _, theta in runs:
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), theta):
+                p.copy_(value)
+        per = loop_per_example_grads(model, F.cross_entropy, x[idx], y[idx])
+        g = torch.cat([per[n].reshape(len(idx), -1) for n in names], 1)
+        expected = rows.sum(0) + N / len(idx) * (g.sum(0) - rows[idx].sum(0))
+        torch.testing.assert_close(estimate, expected, rtol=1e-10, atol=1e-10)
+        rows[idx] = g
+    model2, _, _ = _problem()
+    unpacked = GradientTable(model2, N)
+    first = True
+    for (idx, estimate, var, _), (idx2, estimate2, var2, _) in zip(runs, _saga_steps_unpacked(model2, x, y, unpacked)):
+        assert torch.equal(idx, idx2)
+        torch.testing.assert_close(estimate2, estimate, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var2, var, rtol=1e-9, atol=0, equal_nan=True)
+        first = False
+    assert not first
+
+
+def _saga_steps_unpacked(model, x, y, table):
+    """`_saga_steps` with the table's packed fast path switched off after it is allocated."""
+    original = table._allocate_layouts
+
+    def allocate(layouts):
+        original(layouts)
+        table.packed = None  # stores stay views of the packed tensor; SAGA takes the per-parameter path
+
+    table._allocate_layouts = allocate
+    return _saga_steps(model, x, y, table, 12)
+
+
+def test_packed_updates_keep_a_float32_total_within_the_batch_sums_rounding_after_10_000_steps():
+    """The float32 test above, through the packed fast path (`update_packed`, packed rows [b, W]): the same
+    bound, 2e-6, which a float32 running total without the float64 accumulator misses (4.0e-6 there)."""
+    n, b, d_in, d_out = 2000, 64, 50, 20
+    params = {"w": torch.zeros(d_out, d_in), "b": torch.zeros(d_out)}
+    table = GradientTable(params, n)
+    g = torch.Generator().manual_seed(0)
+    for step in range(10_000):
+        idx = torch.randperm(n, generator=g)[:b]
+        a = torch.randn(b, 1, d_in, generator=g) + 0.5
+        dz = torch.randn(b, 1, d_out, generator=g) + 0.3
+        if step == 0:  # allocates the (packed) layout
+            from vr_mcmc.per_example import Dense, Factored
+
+            table.update(idx, {"w": Factored(a, dz, params["w"].shape), "b": Dense(dz[:, 0])})
+            packed = table.packed_rows()
+            assert packed is not None and packed.order == ["b", "w"]  # dense first
+            continue
+        rows = table.batch_rows(idx)
+        old = packed.row_sum(packed.data.index_select(0, rows))
+        new = torch.cat([dz[:, 0], a.reshape(b, -1), dz.reshape(b, -1)], 1)
+        table.update_packed(rows, new, torch.cat([dz[:, 0].sum(0), (dz[:, 0].T @ a[:, 0]).reshape(-1)]), old)
+    w = table.stores["w"]
+    exact = {"w": torch.einsum("rgto,rgti->oi", w.grad_outputs.double(), w.inputs.double()),
+             "b": table.stores["b"].data.double().sum(0)}
+    for name, ref in exact.items():
+        rel = float((table.total[name].double() - ref).norm() / ref.norm())
+        assert rel <= 2e-6, (name, rel)
+
+
+def test_a_packed_table_in_a_lower_storage_dtype_sums_what_it_stored():
+    """bfloat16 rows round what is given: the packed update takes the new rows' sum from what was stored, so the
+    float32 total stays the sum of the rows as stored (to float32 rounding)."""
+    model, x, y = _problem(torch.float32)
+    table = GradientTable(model, N, dtype=torch.bfloat16)
+    _saga_steps(model, x, y, table, 1)
+    packed = table.packed_rows()
+    assert packed is not None and packed.data.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randperm(N, generator=g)[:8]
+        rows = table.batch_rows(idx)
+        old = packed.row_sum(packed.data.index_select(0, rows).float())
+        new = torch.randn(8, packed.width, generator=g) + 0.5
+        table.update_packed(rows, new, packed.row_sum(new), old)  # the given sum is of the unrounded rows
+    assert _invariant_holds(table, rtol=1e-5)
+
+
+def test_a_packed_table_whose_stores_were_replaced_takes_the_per_parameter_path():
+    """Vectorized chains stack the stores' tensors across chains (the stores then hold other tensors): the packed
+    fast path must see it and step aside, or it would read rows nobody writes."""
+    model, x, y = _problem()
+    table = GradientTable(model, N)
+    _saga_steps(model, x, y, table, 1)
+    assert table.packed_rows() is not None
+    store = table.stores["3.bias"]
+    store.data = store.data.clone()
+    assert table.packed_rows() is None
+    table2 = GradientTable(model, N)
+    _saga_steps(model, x, y, table2, 1)
+    table2._total["3.bias"] = table2._total["3.bias"].clone()
+    assert table2.packed_rows() is None
+
+
+@pytest.mark.parametrize("config", [dict(policy="lowrank", rank=2), dict(block_size=4)])
+def test_tables_that_cannot_be_packed_are_not(config):
+    model, x, y = _problem()
+    table = GradientTable(model, N, **config)
+    engine = PerExampleGradients(model)
+    idx = next(_batches(table, 1))
+    table.update(idx, _grads(model, engine, x, y, idx))
+    assert table.packed is None and table.packed_rows() is None

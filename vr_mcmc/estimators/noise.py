@@ -19,7 +19,15 @@ import torch
 
 from ..per_example import PerExampleGradient
 
-__all__ = ["sampling_variance"]
+__all__ = ["sampling_variance", "variance_from_sums"]
+
+
+def variance_from_sums(squares: torch.Tensor, totals: torch.Tensor, b: torch.Tensor | int, num_rows: int
+                       ) -> torch.Tensor:
+    """R²/b·(1 − b/R)·s² from ``squares`` = Σ_{j∈S} ‖d_j‖² and ``totals`` = ‖Σ_{j∈S} d_j‖² (float64, per
+    parameter) over b ≥ 2 rows."""
+    s2 = (squares - totals / b) / (b - 1)
+    return s2.clamp_min(0.0) * (num_rows**2 / b) * (1.0 - b / num_rows)
 
 
 def sampling_variance(
@@ -47,6 +55,5 @@ def sampling_variance(
         # The same float64 arithmetic as one parameter at a time, on all of them at once.
         sq, tot = torch.stack(squares), torch.stack(totals)
         b = torch.tensor(sizes, dtype=torch.float64, device=sq.device)
-        s2 = (sq - tot / b) / (b - 1)
-        out[where] = (s2.clamp_min(0.0) * (num_rows**2 / b) * (1.0 - b / num_rows)).cpu()
+        out[where] = variance_from_sums(sq, tot, b, num_rows).cpu()
     return out

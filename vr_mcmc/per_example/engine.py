@@ -168,6 +168,7 @@ class PerExampleGradients:
         self._param_grads: dict[str, torch.Tensor] = {}
         self._consistency = ConsistencyCheck()
         self._model_tensors: dict[int, torch.Tensor] = {}
+        self._modules = list(model.modules())  # for the per-batch refresh of _model_tensors
         self.clear()
         _refuse_sequence_first(model)
         self._find_units(model, "")
@@ -440,7 +441,8 @@ class PerExampleGradients:
             unit.calls.clear()
         # Refreshed per batch, as a buffer may be reassigned. Holding the tensors (not just their ids)
         # keeps an id from being reused by an activation within the batch.
-        self._model_tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        self._model_tensors = {id(t): t for m in self._modules for t in (*m._parameters.values(), *m._buffers.values())
+                               if t is not None}
         self._param_grads.clear()
         self._grads_arrived = False
         self._model_batch_size = None

@@ -117,9 +117,10 @@ class DenseStore(Store):
 
     kind = "dense"
 
-    def __init__(self, num_rows: int, shape, dtype, device, compute_dtype):
+    def __init__(self, num_rows: int, shape, dtype, device, compute_dtype, data: torch.Tensor | None = None):
         super().__init__(shape, compute_dtype)
-        self.data = torch.zeros(num_rows, *shape, dtype=dtype, device=device)
+        # ``data``: a given [R, *shape] tensor to keep the rows in (a view of a packed table's columns)
+        self.data = torch.zeros(num_rows, *shape, dtype=dtype, device=device) if data is None else data
 
     @staticmethod
     def bytes_needed(num_rows: int, shape, dtype: torch.dtype) -> int:
@@ -141,10 +142,13 @@ class FactoredStore(Store):
     kind = "factored"
 
     def __init__(self, num_rows: int, shape, groups: int, positions: int, d_in: int, d_out: int, dtype, device,
-                 compute_dtype):
+                 compute_dtype, factors: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__(shape, compute_dtype)
-        self.inputs = torch.zeros(num_rows, groups, positions, d_in, dtype=dtype, device=device)
-        self.grad_outputs = torch.zeros(num_rows, groups, positions, d_out, dtype=dtype, device=device)
+        if factors is not None:  # given tensors to keep the rows in (views of a packed table's columns)
+            self.inputs, self.grad_outputs = factors
+        else:
+            self.inputs = torch.zeros(num_rows, groups, positions, d_in, dtype=dtype, device=device)
+            self.grad_outputs = torch.zeros(num_rows, groups, positions, d_out, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_needed(num_rows: int, groups: int, positions: int, d_in: int, d_out: int, dtype) -> int:

@@ -12,6 +12,7 @@ from ..data import Partition
 from ..per_example import PerExampleGradient
 from ..per_example.representations import combine
 from .blocks import merge_examples
+from .packed import PackedRows, flat_vector
 from .planner import RowLayout, available_bytes, strategy_bytes
 from .stores import DenseStore, FactoredStore, LowRankStore, SparseStore, Store
 
@@ -37,6 +38,12 @@ class GradientTable:
     - ``"lowrank"``: rank-``rank`` truncated SVD of each row's gradient matrix (randomized SVD),
       recording the relative error dropped (``lowrank_error``); vector parameters dense;
     - ``"auto"``: per parameter, the cheapest exact layout (factors, embedding lookups or dense).
+
+    Packed: when every parameter is stored dense or factored, in one storage dtype, without ``block_size``,
+    the rows of all parameters lie side by side in one ``[rows, W]`` tensor (`vr_mcmc.storage.packed.PackedRows`;
+    the stores are views of it, so it costs no memory) and the totals in one vector. SAGA's step on it
+    (``packed_rows``) is a handful of tensor operations whatever the number of parameters: on a small model
+    that, not the arithmetic, sets the cost of a step.
 
     ``dtype`` is the storage dtype (e.g. float16/bfloat16). Sums of rows, and ``total``, are in
     the parameters' dtype, or float32 for lower-precision parameters (SAGA's estimate is in that
@@ -105,13 +112,30 @@ class GradientTable:
         self.layouts: dict[str, RowLayout] = {}
         # total in at least float32: bfloat16 sums of many updates would drift. Below float64, a float64
         # accumulator of the batch sums (`_exact`) and the float32 sums since its last fold (`_recent`).
-        self._total = {
-            n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=self.device)
-            for n, p in params.items()
-        }
-        low = [n for n, t in self._total.items() if t.dtype != torch.float64]
-        self._exact = {n: torch.zeros_like(self._total[n], dtype=torch.float64) for n in low}
-        self._recent = {n: torch.zeros_like(self._total[n]) for n in low}
+        # With one accumulation dtype, each of these is a vector over all parameters with a view per name (one
+        # operation moves them all in a packed table; the per-name views serve every other use).
+        compute = {torch.promote_types(p.dtype, torch.float32) for p in params.values()}
+        self._vectors: dict[str, torch.Tensor] | None = None
+        if len(compute) == 1:
+            (dtype_sum,) = compute
+            shapes = {n: p.shape for n, p in params.items()}
+            self._vectors = {}
+            self._vectors["total"], self._total = flat_vector(shapes, dtype_sum, self.device)
+            if dtype_sum != torch.float64:
+                self._vectors["exact"], self._exact = flat_vector(shapes, torch.float64, self.device)
+                self._vectors["recent"], self._recent = flat_vector(shapes, dtype_sum, self.device)
+            else:
+                self._exact, self._recent = {}, {}
+        else:
+            self._total = {
+                n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=self.device)
+                for n, p in params.items()
+            }
+            low = [n for n, t in self._total.items() if t.dtype != torch.float64]
+            self._exact = {n: torch.zeros_like(self._total[n], dtype=torch.float64) for n in low}
+            self._recent = {n: torch.zeros_like(self._total[n]) for n in low}
+        self._total_views = dict(self._total)
+        self.packed: PackedRows | None = None  # the packed rows, once allocated (see packed_rows)
         self._since_fold = 0
         self._last_rows: tuple | None = None  # (indices, their version, _rows' answer)
 
@@ -139,21 +163,42 @@ class GradientTable:
         free = available_bytes(self.device)
         if need > free:
             raise TableTooLargeError(self._too_large_message(need, free, layouts))
+        packed = (self.partition is None and self._vectors is not None and set(layouts) == set(self.params)
+                  and set(chosen.values()) <= {"dense", "factored"} and len({self._dtype(n) for n in layouts}) == 1)
+        if packed:
+            slots = {n: (chosen[n], lay.shape, (lay.groups, lay.positions, lay.d_in, lay.d_out))
+                     for n, lay in ((n, layouts[n]) for n in self.params)}
+            self.packed = PackedRows(slots, self.num_rows, self._dtype(next(iter(self.params))), self.device)
+            self._reorder_vectors(self.packed.order)
         for n, lay in layouts.items():
             dtype, rows = self._dtype(n), self.num_rows
             compute = self._total[n].dtype  # sums of rows in the accumulation dtype (>= float32)
             kind = chosen[n]
             if kind == "factored":
                 store: Store = FactoredStore(rows, lay.shape, lay.groups, lay.positions, lay.d_in, lay.d_out, dtype,
-                                             self.device, compute)
+                                             self.device, compute, self.packed.views(n) if packed else None)
             elif kind == "sparse":
                 store = SparseStore(rows, lay.shape, lay.lookups, dtype, self.device, compute)
             elif kind == "lowrank":
                 store = LowRankStore(rows, lay.shape, self.rank, dtype, self.device, compute, seed=self.seed)
             else:
-                store = DenseStore(rows, lay.shape, dtype, self.device, compute)
+                store = DenseStore(rows, lay.shape, dtype, self.device, compute,
+                                   data=self.packed.views(n)[0] if packed else None)
             self.stores[n] = store
         self.layouts = dict(layouts)
+
+    def _reorder_vectors(self, order: list[str]) -> None:
+        """Lay the total vectors out in ``order`` (the packed rows' order), values kept."""
+        shapes = {n: self.params[n].shape for n in order}
+        for key, views in (("total", self._total), ("exact", self._exact), ("recent", self._recent)):
+            if key not in self._vectors:
+                continue
+            vector, new = flat_vector(shapes, self._vectors[key].dtype, self.device)
+            for n in order:
+                new[n].copy_(views[n])
+                views[n] = new[n]
+            self._vectors[key] = vector
+        self._total_views = dict(self._total)
 
     def _too_large_message(self, need: int, free: int, layouts: Mapping[str, RowLayout]) -> str:
         k_default = min(128, self.num_data)
@@ -295,6 +340,60 @@ class GradientTable:
             return {n: grads[n] for n in self.params}
         rows = rows.to(self.device)
         return {n: combine([grads[n], store.gather(rows) * -1.0]) for n, store in self.stores.items()}
+
+    # -- the packed fast path (SAGA on small models) --------------------------------------------
+
+    def packed_rows(self) -> PackedRows | None:
+        """The packed rows if the table is packed and its per-parameter stores and totals are still views of the
+        packed tensors (vectorized chains stack the stores' tensors across chains; the per-parameter methods are
+        then the valid ones), else None."""
+        packed = self.packed
+        if packed is None:
+            return None
+        stores, total, views = self.stores, self._total, self._total_views
+        for slot in packed.slots:
+            n = slot.name
+            store = stores[n]
+            if total[n] is not views[n] or (store.data if slot.factors is None else store.inputs).untyped_storage() \
+                    .data_ptr() != packed.data.untyped_storage().data_ptr():
+                return None
+        return packed
+
+    def batch_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The rows of a batch's examples, checked as ``update`` checks them, on the table's device (no
+        partition: a packed table has none)."""
+        rows, _ = self._rows(indices)
+        return rows.to(self.device)
+
+    @property
+    def total_vector(self) -> torch.Tensor:
+        """``total`` of every parameter as one vector in the packed order (the per-name ``total`` are its views)."""
+        return self._vectors["total"]
+
+    def update_packed(self, rows: torch.Tensor, new: torch.Tensor, new_sum: torch.Tensor | None,
+                      old_sum: torch.Tensor) -> None:
+        """`update` on a packed table (``packed_rows()`` not None): packed rows ``new [b, W]`` replace ``rows``
+        (from `batch_rows`); ``new_sum``, their sum ``[P]`` in the packed order if the caller has it (used when
+        rows are stored exactly); ``old_sum``, the sum of the rows being replaced, as stored."""
+        data = self.packed.data
+        data.index_copy_(0, rows, new.to(data.dtype))
+        total = self._vectors["total"]
+        if new_sum is None or data.dtype != total.dtype:  # sum what was stored (rounded to the storage dtype)
+            new_sum = self.packed.row_sum(data.index_select(0, rows).to(total.dtype))
+        # the same two roundings per element as `update`: total + new, then − old
+        total.add_(new_sum).sub_(old_sum)
+        recent = self._vectors.get("recent")
+        if recent is not None:
+            recent.add_(new_sum).sub_(old_sum)
+        for store in self.stores.values():  # their memos describe rows as they were
+            store._cached = store._gathered = None
+        if not math.isfinite(float(total.abs().max())):  # NaN propagates through max
+            for n in self.stores:
+                if not bool(torch.isfinite(self._total[n]).all()):
+                    self._recompute(n)
+        self._since_fold += 1
+        if self._since_fold >= FOLD_EVERY:
+            self._fold()
 
     def sum_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ of the stored rows of a batch's examples (with partition sampling: of its blocks)."""
