@@ -349,3 +349,77 @@ def test_rule_that_forgets_a_parameter_is_reported():
         model(torch.randn(4, 3)).sum().backward()
         with pytest.raises(PerExampleError, match=r"returned no gradient for \['b'\]"):
             engine.collect()
+
+
+class _ARLike(nn.Module):
+    """A root with a bare parameter of its own (log σ) and a Linear child: the whole model is one fallback unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.ar = nn.Linear(4, 1)
+        self.log_sigma = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        return torch.cat([self.ar(x), self.log_sigma.expand(x.shape[0], 1)], 1)
+
+
+class _TimeMajorOut(nn.Module):
+    """No rule, an output whose batch is dimension 1: y[t, i] = w_t · x_i."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        return (x @ self.w.t()).t()
+
+
+def _attention():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    return Net()
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(6, 6), Scale(6), nn.PReLU(), nn.Linear(6, 3)),
+                                  lambda: nn.Sequential(nn.Linear(6, 4), _ARLike(), nn.Linear(2, 3)),
+                                  lambda: nn.Sequential(_TimeMajorOut(), nn.Flatten(0, -1), nn.Unflatten(0, (3, -1)),
+                                                        _Transpose(), nn.Linear(3, 3)),
+                                  _attention],
+                         ids=["scale", "ar", "time-major", "attention"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fallback_after_its_verified_batches_gives_the_loops_gradients(make, reduction):
+    """After the engine's first 8 batches (each example replayed alone under vmap, with the check that the module
+    does not mix examples) the fallback replays the whole batch once and takes one batched backward of the masked
+    output gradients: batches 9-12 must still equal a float64 loop of per-example backward passes (1e-10)."""
+    torch.manual_seed(0)
+    model = make().double()
+    engine = PerExampleGradients(model, loss_reduction=reduction)
+    g = torch.Generator().manual_seed(1)
+    for batch in range(12):
+        x = torch.randn(5, 4, 6, generator=g, dtype=F64) if make is _attention else \
+            torch.randn(5, 6, generator=g, dtype=F64)
+        t = torch.randn(5, *([4] if make is _attention else []), 3, generator=g, dtype=F64)
+        model.zero_grad()
+        losses = tanh_loss(model(x), t)
+        (losses.mean() if reduction == "mean" else losses.sum()).backward()
+        got = engine.collect()
+        assert engine._verify_replays == (batch < 8)
+        if batch < 8:
+            continue
+        expected = loop_per_example_grads(model, tanh_loss, x, t)
+        for name, rep in got.items():
+            err = float((rep.dense() - expected[name]).norm())
+            assert err <= 1e-10 * max(float(expected[name].norm()), 1e-30), (name, err)
+    engine.remove()
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.t()

@@ -9,11 +9,10 @@ from typing import Any
 import torch
 
 from ..per_example import PerExampleError, PerExampleGradient
+from ..per_example.consistency import SPOT_CHECK_EVERY, SPOT_CHECK_FIRST
 
 __all__ = ["SPOT_CHECK_EVERY", "SPOT_CHECK_FIRST", "Estimator", "batch_sum", "grad_or_zeros"]
 
-SPOT_CHECK_FIRST = 8  # steps checked in full at the start of a chain
-SPOT_CHECK_EVERY = 64  # then one step in this many
 
 
 def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:

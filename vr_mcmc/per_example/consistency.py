@@ -18,7 +18,10 @@ from torch import nn
 from .errors import PerExampleError
 from .representations import Dense, PerExampleGradient
 
-__all__ = ["PROBES", "ConsistencyCheck", "release_terms"]
+__all__ = ["PROBES", "SPOT_CHECK_EVERY", "SPOT_CHECK_FIRST", "ConsistencyCheck", "release_terms"]
+
+SPOT_CHECK_FIRST = 8  # batches checked in full at the start (the samplers' steps, the fallback's replays)
+SPOT_CHECK_EVERY = 64  # then one in this many
 
 PROBES = 4  # independent probes: a missing gradient part escapes all of them with negligible chance
 

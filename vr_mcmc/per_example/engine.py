@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
-from .consistency import ConsistencyCheck, release_terms
+from .consistency import SPOT_CHECK_EVERY, SPOT_CHECK_FIRST, ConsistencyCheck, release_terms
 from .errors import MixedExamplesError, PerExampleError
 from .fallback import fallback_rule, flat_tensors
 from .packed import is_packed_call, packed_batch_size, packed_rnn_rule
@@ -135,7 +135,11 @@ class PerExampleGradients:
     enabled) between two backward passes computed: the model may be called several times per
     loss. Layers with a registered rule (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm,
     RMSNorm, InstanceNorm, BatchNorm in eval mode) are computed from their saved input and output
-    gradient; any other module with parameters goes through torch.func on its saved input.
+    gradient; any other module with parameters goes through torch.func on its saved input (each
+    example replayed alone under vmap, which also checks that the module does not mix examples;
+    after the engine's first 8 batches, and but for every 64th, one replay of the whole batch and
+    one batched backward of per-example masked output gradients: the same gradients at a third of
+    the cost on a small module, see `fallback.fallback_rule`'s ``verify``).
     BatchNorm on batch statistics mixes examples and raises `MixedExamplesError` when it runs
     (`vr_mcmc.per_example.replace_batchnorm` or `freeze_batchnorm` make a model acceptable).
 
@@ -169,6 +173,8 @@ class PerExampleGradients:
         self._consistency = ConsistencyCheck()
         self._model_tensors: dict[int, torch.Tensor] = {}
         self._modules = list(model.modules())  # for the per-batch refresh of _model_tensors
+        self._collects = 0  # batches collected (the spot-check schedule of the fallback's replays)
+        self._verify_replays = True
         self.clear()
         _refuse_sequence_first(model)
         self._find_units(model, "")
@@ -373,6 +379,10 @@ class PerExampleGradients:
                     f"the input of layer '{unit.name}' was modified in place after the forward pass; collect() "
                     "needs the inputs as they were (copy the next batch into a new tensor instead)"
                 )
+        # The fallback's check that a module does not mix examples (a replay of each example alone) runs as a spot
+        # check: a module mixes examples by its structure, on every batch, so the first batch shows it.
+        self._collects += 1
+        self._verify_replays = self._collects <= SPOT_CHECK_FIRST or self._collects % SPOT_CHECK_EVERY == 0
         per_param: dict[int, list[PerExampleGradient]] = {}
         low_eps: dict[int, float] = {}
         if batch_size > 0:
@@ -412,7 +422,7 @@ class PerExampleGradients:
                 else:
                     found = fallback_rule(
                         unit.module, unit.name, call.args, call.kwargs, call.outputs, call.versions, call.grads,
-                        call.batch_size, shared=call.shared, autocast=call.autocast,
+                        call.batch_size, shared=call.shared, autocast=call.autocast, verify=self._verify_replays,
                     )
             finally:
                 self._replaying = False
