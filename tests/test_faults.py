@@ -434,6 +434,7 @@ def test_a_killed_worker_fails_the_run_without_a_hang(tmp_path):
     assert not any(_alive(w) for w in workers)
 
 
+@pytest.mark.slow  # 8-14 s of subprocesses: the default suite keeps the killed-worker test
 def test_workers_stop_when_the_parent_is_killed(tmp_path):
     directory = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", PARALLEL_JOB, str(directory)], env=ENV)
@@ -449,6 +450,7 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path):
         proc.kill()
 
 
+@pytest.mark.slow  # 8-14 s of subprocesses: the default suite keeps the killed-worker test
 def test_a_script_without_a_main_guard_is_refused_with_the_fix(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text("import chain_job\nchain_job.run(None, 'sgld', num_samples=5, chain_method='parallel')\n")

@@ -193,7 +193,7 @@ def test_sghmc_matches_its_exact_stationary_law():
     assert np.all(np.abs(c - exact) <= 5 * c_se), (c, exact, c_se)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "linreg"])
+@pytest.mark.parametrize("kind", ["gaussian", pytest.param("linreg", marks=pytest.mark.slow)])  # 11 s more
 def test_variance_reduced_samplers_are_at_least_as_accurate_as_sgld(kind):
     _, (c_sgld, _), info = run(kind, "sgld")
     post = posterior_cov(info)
