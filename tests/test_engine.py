@@ -387,12 +387,24 @@ def _attention():
     return Net()
 
 
+class _GRUNet(nn.Module):
+    """A GRU (no rule; its aten backward may lack batching rules) on [B, 4, 6], the last state to a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(6, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0])
+
+
 @pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(6, 6), Scale(6), nn.PReLU(), nn.Linear(6, 3)),
                                   lambda: nn.Sequential(nn.Linear(6, 4), _ARLike(), nn.Linear(2, 3)),
                                   lambda: nn.Sequential(_TimeMajorOut(), nn.Flatten(0, -1), nn.Unflatten(0, (3, -1)),
                                                         _Transpose(), nn.Linear(3, 3)),
-                                  _attention],
-                         ids=["scale", "ar", "time-major", "attention"])
+                                  _attention, _GRUNet],
+                         ids=["scale", "ar", "time-major", "attention", "gru"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_fallback_after_its_verified_batches_gives_the_loops_gradients(make, reduction):
     """After the engine's first 8 batches (each example replayed alone under vmap, with the check that the module
@@ -403,9 +415,9 @@ def test_fallback_after_its_verified_batches_gives_the_loops_gradients(make, red
     engine = PerExampleGradients(model, loss_reduction=reduction)
     g = torch.Generator().manual_seed(1)
     for batch in range(12):
-        x = torch.randn(5, 4, 6, generator=g, dtype=F64) if make is _attention else \
-            torch.randn(5, 6, generator=g, dtype=F64)
-        t = torch.randn(5, *([4] if make is _attention else []), 3, generator=g, dtype=F64)
+        sequences = make in (_attention, _GRUNet)
+        x = torch.randn(5, 4, 6, generator=g, dtype=F64) if sequences else torch.randn(5, 6, generator=g, dtype=F64)
+        t = torch.randn(5, *([4] if sequences else []), 3, generator=g, dtype=F64)
         model.zero_grad()
         losses = tanh_loss(model(x), t)
         (losses.mean() if reduction == "mean" else losses.sum()).backward()

@@ -34,6 +34,8 @@ _LOOP_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _DIMS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # Bound on the elements of the masked cotangents (B times the outputs' elements) of the one-replay path.
 _MASKED_COTANGENT_MAX = 1 << 22
+# Modules whose backward could not be batched over the masked cotangents (they take the verified path).
+_NO_BATCHED_BACKWARD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def flat_tensors(obj: Any) -> list[torch.Tensor]:
@@ -167,9 +169,13 @@ def fallback_rule(
     if dims is None:
         dims = _output_dims(module, name, call, trainable, slots, batched, live, outputs, batch_size)
         _DIMS.setdefault(module, {})[key] = dims
-    if not verify and batch_size * sum(grad_outputs[k].numel() for k in live) <= _MASKED_COTANGENT_MAX:
-        return _masked_cotangent_grads(module, trainable, fixed, buffers, args, kwargs, live, dims, grad_outputs,
-                                       batch_size, autocast)
+    if (not verify and module not in _NO_BATCHED_BACKWARD
+            and batch_size * sum(grad_outputs[k].numel() for k in live) <= _MASKED_COTANGENT_MAX):
+        try:
+            return _masked_cotangent_grads(module, trainable, fixed, buffers, args, kwargs, live, dims, grad_outputs,
+                                           batch_size, autocast)
+        except Exception:  # an op without a batching rule for its backward (e.g. aten's GRU): the verified path
+            _NO_BATCHED_BACKWARD.add(module)
     cotangents = [grad_outputs[k].movedim(d, 0) for k, d in zip(live, dims)]
 
     def per_example(example: list[torch.Tensor], cots: list[torch.Tensor]) -> tuple[dict, list]:
