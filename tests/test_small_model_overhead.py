@@ -1,7 +1,8 @@
 """The paths made cheaper for small models (issue 19), against independent references.
 
-- A SAGA-LD chain (foreach estimate and table totals, rows gathered once a step, the vectorized noise
-  variance, the torch.func fallback with its cached output dimensions, batches of two sizes) equals a
+- A SAGA-LD chain (the packed table: one gather, sum and write of all parameters' rows a step; the vectorized
+  noise variance; the torch.func fallback with its cached output dimensions, and from the engine's 9th batch its
+  one-replay masked-cotangent path; batches of two sizes) equals a
   float64 loop over single-example backward passes with a hand-kept table, step by step: parameters and
   ``noise_ratio`` to 1e-10 relative (float64 rounding; the two sum in different orders).
 - The spot-check schedule of the consistency check: a defect on every batch raises at the first step; one
@@ -62,6 +63,7 @@ def test_saga_ld_chain_equals_a_float64_per_example_loop():
     order = torch.Generator().manual_seed(1)
     # batches of 4, and of 3 (a new shape for the fallback's cached output dimensions), past the spot checks
     sizes = [4] * 12 + [3] * 6
+    assert sampler.estimator.table.packed is None  # allocated at the first step
     for step, b in enumerate(sizes):
         idx = torch.randperm(n, generator=order)[:b]
         # reference: per-example gradients by one backward per example at the reference θ
@@ -91,6 +93,8 @@ def test_saga_ld_chain_equals_a_float64_per_example_loop():
         loss = nll(model, lags[idx], y[idx]).mean()
         loss.backward()
         sampler.step(indices=idx, loss=loss)
+        assert sampler.estimator.table.packed_rows() is not None  # the packed step, not the per-parameter one
+        assert engine._verify_replays == (step < 8)  # then the fallback's one-replay path
         for p, r in zip(model.parameters(), ref):
             torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12, msg=f"step {step}")
         assert sampler.stats["noise_ratio"] == pytest.approx(num / den, rel=1e-10), step
