@@ -274,7 +274,7 @@ class VectorizedGroup:
                     named[n].grad = grads[n][k]
             view = self.views[k]
             if view is not None:
-                view.reps = None if reps is None else reps[k]
+                view.reps = None if reps is None else reps.chain(k)
                 view.grads = {} if grads is None else {n: grads[n][k] for n in self.names}
             torch.set_rng_state(self.rng[k])
             sampler, idx = runner.sampler, indices[k]

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from ..per_example.representations import Factored
 from ..storage.stores import DenseStore, FactoredStore
 from ..storage.table import FOLD_EVERY
 
@@ -74,10 +73,10 @@ class StackedSAGA:
         """Whether the tables are at the same update count (a resume may have left them apart)."""
         return len({t._since_fold for t in self.tables}) == 1
 
-    def estimate(self, indices: torch.Tensor, grads: Mapping[str, torch.Tensor],
-                 reps: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def estimate(self, indices: torch.Tensor, grads: Mapping[str, torch.Tensor], reps: Any) -> dict[str, torch.Tensor]:
         """v [C, ...] per parameter name, for batches ``indices`` [C, B], batch-mean gradients ``grads`` [C, ...] and
-        each chain's per-example representations ``reps``; the table update is kept for `commit`."""
+        every chain's per-example gradients ``reps`` (a `vr_mcmc.chains.batched.StackedPerExample`); the table
+        update is kept for `commit`."""
         c, b = indices.shape
         chain = torch.arange(c).unsqueeze(1)
         scale = self.tables[0].num_data / b
@@ -87,7 +86,7 @@ class StackedSAGA:
             if self.kinds[n] is DenseStore:
                 (data,) = self.rows[n]
                 old = data[chain, indices].to(total.dtype).sum(1)
-                new_rows[n] = (torch.stack([r[n].dense() for r in reps]).to(data),)
+                new_rows[n] = (reps.dense(n).to(data),)
             else:
                 inputs, grad_outputs = self.rows[n]
                 a, z = inputs[chain, indices].to(total.dtype), grad_outputs[chain, indices].to(total.dtype)
@@ -96,11 +95,10 @@ class StackedSAGA:
                 a = a.transpose(1, 2).reshape(c, g, b * t, a.shape[-1])
                 z = z.transpose(1, 2).reshape(c, g, b * t, z.shape[-1])
                 old = torch.matmul(z.transpose(-1, -2), a).reshape(total.shape)
-                factored = [r[n] for r in reps]
-                if not all(isinstance(f, Factored) for f in factored):
+                entry = reps.entries[n]
+                if entry[0] != "factored":
                     raise TypeError(f"'{n}' is stored factored but its per-example gradients are not Factored")
-                new_rows[n] = (torch.stack([f.inputs for f in factored]).to(inputs),
-                               torch.stack([f.grad_outputs for f in factored]).to(grad_outputs))
+                new_rows[n] = (entry[1].to(inputs), entry[2].to(grad_outputs))
             s = grads[n] * b  # Σ_i g_i = B·∇(batch mean): the new rows' sum (lossless stores)
             sums[n], olds[n] = s.to(total.dtype), old
             out[n] = torch.add(total, sums[n] - old, alpha=scale).to(grads[n].dtype)
