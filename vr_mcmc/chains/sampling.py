@@ -62,6 +62,7 @@ def sample(
     save_warmup: bool = False,
     num_threads: int | None = None,
     max_vectorized: int | None = None,
+    vectorized_compile: bool | None = None,
     keep_params: int | None = None,
     data_parallel: bool = False,
     process_group: Any = None,
@@ -96,6 +97,10 @@ def sample(
     and loss must be vmappable (no data-dependent Python control flow, no in-place update of a tensor that is not a
     buffer, no random operations such as dropout in training mode): otherwise a `VectorizeError` before any draw
     names the cause. ``max_vectorized=k``: at most k chains per batched computation (groups run one after another).
+    ``vectorized_compile``: run the batched computations through ``torch.compile`` (compiled once per group, for
+    the run's batch size; a failing compilation warns and runs eager); None (default) compiles for runs of at least
+    `vr_mcmc.chains.vectorized.COMPILE_MIN_STEPS` (2000) steps per chain, where the compilation's few seconds are
+    repaid (benchmarks/RESULTS.md, "Vectorized chains").
     ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
@@ -134,6 +139,12 @@ def sample(
         if chain_method != "vectorized":
             raise ValueError(f"max_vectorized={max_vectorized} caps the chains of chain_method='vectorized'; "
                              f"this run's chain_method is {chain_method!r}")
+    if vectorized_compile is not None:
+        if not isinstance(vectorized_compile, bool):
+            raise TypeError(f"vectorized_compile must be True, False or None, got {vectorized_compile!r}")
+        if chain_method != "vectorized":
+            raise ValueError(f"vectorized_compile={vectorized_compile} is an option of chain_method='vectorized'; "
+                             f"this run's chain_method is {chain_method!r}")
     if chain_method == "vectorized" and (process_group is not None or data_parallel):
         raise ValueError("chain_method='vectorized' runs on one process: it does not combine with process_group= or "
                          "data_parallel=True (torch.distributed); use chain_method='sequential' across ranks")
@@ -155,7 +166,8 @@ def sample(
                 log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=None,
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=num_threads,
-                keep_params=keep_params, vectorized=chain_method == "vectorized", max_vectorized=max_vectorized)
+                keep_params=keep_params, vectorized=chain_method == "vectorized", max_vectorized=max_vectorized,
+                vectorized_compile=vectorized_compile)
     from ..distributed.group import resolve
 
     comm = resolve(process_group, bool(data_parallel))

@@ -33,7 +33,11 @@ from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
 from .stream import TensorBatches
 
-__all__ = ["VectorizeError", "check_vectorizable", "run_vectorized"]
+__all__ = ["COMPILE_MIN_STEPS", "VectorizeError", "check_vectorizable", "run_vectorized"]
+
+# runs of at least this many steps per chain compile their batched computations by default: a compilation costs
+# 1-7 s (the first in a process the most) and saves 1.2-1.8 ms a step on the demo MLP (benchmarks/RESULTS.md)
+COMPILE_MIN_STEPS = 2000
 
 SEQUENTIAL = 'run these chains with chain_method="sequential" (or "parallel")'
 
@@ -104,8 +108,11 @@ class VectorizedGroup:
         self.names = [n for n, p in first.model.named_parameters() if p.requires_grad]
         with torch.random.fork_rng(devices=[]):
             template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
+        compile = spec.get("vectorized_compile")
+        if compile is None:  # by the run's length, not what is left of it: a resumed run computes as it began
+            compile = first.total >= COMPILE_MIN_STEPS
         self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
-                                          getattr(first.sampler, "loss_reduction", "mean"))
+                                          getattr(first.sampler, "loss_reduction", "mean"), compile=compile)
         self._check_resumed_tables()
         self.trainable, self.fixed = self._stack()
         self._check_loss_reduction(template)
