@@ -398,3 +398,141 @@ def test_a_factored_table_from_a_sequential_run_is_refused_for_a_dense_vectorize
         vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=cut, chain_method="vectorized", **options)
     resumed = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=cut, **options)
     assert_same_draws(whole, resumed, exact=True)
+
+
+# -- stacked steps of every SG diffusion (torch_sample.vectorized) -------------------------------------------------
+
+
+def sghmc_saga(m):  # SAGA's estimate in SGHMC's diffusion: the stacked tables feed the stacked momentum update
+    sampler = torch_sample.SGHMC(m.parameters(), lr=1e-3, num_data=N, friction=0.2, prior=PRIOR,
+                                 estimator=vr_mcmc.estimators.SAGA(), engine=vr_mcmc.PerExampleGradients(m))
+    sampler.noise_ratio_every = 0
+    return sampler
+
+
+def _counting_stacked_steps(monkeypatch) -> list[bool]:
+    """Records what each stacked step returned (a spy that calls the real step)."""
+    from torch_sample.vectorized import StackedStep
+
+    made: list[bool] = []
+    real = StackedStep.step
+
+    def spy(self, *args, **kw):
+        made.append(real(self, *args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(StackedStep, "step", spy)
+    return made
+
+
+@pytest.mark.parametrize("sampler_fn", [sgld, sghmc, psgld, sgnht, sagald_stacked, sghmc_saga],
+                         ids=lambda f: f.__name__)
+def test_stacked_diffusions_are_the_sequential_chains(monkeypatch, sampler_fn):
+    """Every SG diffusion with a minibatch or SAGA estimate steps all chains at once (each step after the first,
+    which allocates the states and tables, is stacked) and still gives the sequential chains: draws and their own
+    stats (kinetic energy, thermostat, preconditioner) within ATOL / rtol 1e-5."""
+    seq = run(sampler_fn, "sequential")
+    made = _counting_stacked_steps(monkeypatch)
+    vec = run(sampler_fn, "vectorized")
+    assert_same_draws(seq, vec)
+    assert len(made) >= 44 and all(made)  # 45 steps, the first per chain for SAGA's table allocation
+
+
+def _varying(make):
+    """A sampler_fn whose chains get different options (chain c the c-th of a cycle): the stacked step's
+    per-chain coefficients ([C, 1, ...] tensors) instead of one scalar."""
+    options = itertools.cycle([dict(lr=1e-3), dict(lr=2e-3), dict(lr=5e-4)])
+    return lambda m: make(m, **next(options))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, lr: torch_sample.SGLD(m.parameters(), lr=lr, num_data=N, prior=PRIOR),
+    lambda m, lr: torch_sample.SGHMC(m.parameters(), lr=lr, num_data=N, friction=100 * lr, beta=20 * lr,
+                                     prior=PRIOR),
+    lambda m, lr: torch_sample.PSGLD(m.parameters(), lr=lr, num_data=N, alpha=1 - 10 * lr, eps=lr, prior=PRIOR),
+    lambda m, lr: torch_sample.SGNHT(m.parameters(), lr=lr, num_data=N, friction=500 * lr, prior=PRIOR),
+], ids=["sgld", "sghmc", "psgld", "sgnht"])
+def test_stacked_step_with_per_chain_options(monkeypatch, make):
+    """Chains with their own step size (and friction, beta, alpha, eps): each its sequential chain."""
+    seq = run(_varying(make), "sequential")
+    made = _counting_stacked_steps(monkeypatch)
+    vec = run(_varying(make), "vectorized")
+    assert_same_draws(seq, vec)
+    assert made and all(made)
+    sizes = vec.sample_stats["step_size"].values[:, -1]
+    assert len(set(sizes.tolist())) == 3
+
+
+def test_frozen_preconditioner_and_resumed_states_are_per_chain(tmp_path):
+    """pSGLD frozen after warmup (the stacked step keeps V) and cut by an interrupt: the resumed run (states
+    re-stacked from the chains' checkpoints) is bit-identical to an uninterrupted one; each checkpoint holds its
+    chain's own momentum-like state, not the stacked tensor."""
+    def frozen(m):
+        # eps well above the smallest |∇Ũ| of the first step, which V keeps for good: with 1e-5 a coordinate's
+        # G of up to 1e5 magnifies the batched sums' float32 rounding past ATOL (measured 3e-5)
+        sampler = torch_sample.PSGLD(m.parameters(), lr=1e-3, num_data=N, eps=0.1, prior=PRIOR)
+        sampler.preconditioner_frozen = True  # from the first stored V on
+        return sampler
+
+    options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized")
+    whole = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, frozen, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
+    resumed = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
+    assert_same_draws(whole, resumed, exact=True)
+    seq = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), **{**options, "chain_method": "sequential",
+                                                              "checkpoint_every": 100})
+    assert_same_draws(seq, whole)
+    saved = [torch.load(p, weights_only=False) for p in sorted((tmp_path / "whole").rglob("*.pt"))]
+    states = [s["sampler"]["state"] for s in saved if isinstance(s, dict) and "sampler" in s]
+    assert states
+    for state in states:
+        for entry in state.values():
+            v = entry["square_avg"]
+            assert v.untyped_storage().nbytes() == v.numel() * v.element_size()  # its own slice only
+
+
+@pytest.mark.parametrize("sampler_fn", [sghmc, sgnht], ids=lambda f: f.__name__)
+def test_stacked_momentum_resume_is_exact(tmp_path, sampler_fn):
+    """SGHMC / SGNHT (stacked momentum and thermostats) interrupted and resumed: bit-identical."""
+    options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized")
+    whole = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
+    resumed = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
+    assert_same_draws(whole, resumed, exact=True)
+
+
+# -- torch.compile of the batched computations ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler_fn", [sgld, sagald_stacked], ids=lambda f: f.__name__)
+def test_compiled_vectorized_chains_are_the_sequential_chains(sampler_fn):
+    """vectorized_compile=True (one compilation per group, ~3-8 s here): the sequential chains within ATOL. Batches
+    of 25 out of 60: every epoch ends with a batch of 10, which runs eager (no second compilation)."""
+    seq = run(sampler_fn, "sequential", batch_size=25)
+    vec = run(sampler_fn, "vectorized", batch_size=25, vectorized_compile=True)
+    assert_same_draws(seq, vec)
+
+
+def test_a_failing_compilation_warns_once_and_runs_eager(monkeypatch):
+    """A compiler that cannot build (here: inductor's C++ compiler is not there, its caches off): one warning,
+    and the eager computation's draws."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    eager = run(sgld, "vectorized", vectorized_compile=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the batched gradient failed") as record:
+        broken = run(sgld, "vectorized", vectorized_compile=True)
+    assert len([w for w in record if "torch.compile" in str(w.message)]) == 1
+    assert_same_draws(eager, broken, exact=True)
+
+
+def test_vectorized_compile_is_checked():
+    with pytest.raises(TypeError, match="vectorized_compile must be True, False or None"):
+        run(sgld, "vectorized", vectorized_compile="yes")
+    with pytest.raises(ValueError, match="option of chain_method='vectorized'"):
+        run(sgld, "sequential", vectorized_compile=True)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from torch_sample.vectorized import fits as langevin_fits
-from torch_sample.vectorized import langevin_step
+from torch_sample.vectorized import STACKS
+from torch_sample.vectorized import fits as stack_fits
 
 from ..estimators.stacked_saga import StackedSAGA
 from ..estimators.stacked_saga import fits as saga_fits
@@ -66,11 +66,27 @@ class _EngineView:
 
 
 class _VectorChainRunner(ChainRunner):
-    """A chain of a vectorized group: its checkpoint clones the model's tensors (views of the stacked parameters,
-    which torch.save would otherwise write whole)."""
+    """A chain of a vectorized group: its checkpoint clones the model's tensors and its sampler's state tensors
+    (views of the stacked parameters and states, which torch.save would otherwise write whole)."""
+
+    def __init__(self, spec: dict[str, Any], chain: int):
+        super().__init__(spec, chain)
+        state_dict = self.sampler.state_dict
+        self.sampler.state_dict = lambda: _own_tensors(state_dict())  # this chain's object only
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+def _own_tensors(obj: Any) -> Any:
+    """``obj`` (a state dict) with every tensor that is a view of a larger one cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj._base is not None else obj
+    if isinstance(obj, dict):
+        return {k: _own_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_own_tensors(v) for v in obj)
+    return obj
 
 
 def check_vectorizable(sampler: Any) -> None:
@@ -121,13 +137,16 @@ class VectorizedGroup:
         data = spec["data"]
         self.tensor_data = isinstance(first.stream, TensorBatches) and (isinstance(data, torch.Tensor) or (
             isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)))
-        # plain SGLD chains: one stacked update (torch_sample.vectorized) instead of C sampler steps
-        kinds = {langevin_fits(r.sampler) for r in self.runners}
-        self.fast = kinds.pop() if len(kinds) == 1 else None
+        # SG diffusions with a minibatch or SAGA estimate: one stacked update (torch_sample.vectorized) instead of
+        # C sampler steps
+        kinds = {(type(r.sampler), stack_fits(r.sampler)) for r in self.runners}
+        kind = kinds.pop() if len(kinds) == 1 else (None, None)
+        self.fast = kind[1]
         self.stacked_saga: StackedSAGA | None = None
         if self.fast:
             index = {id(p): n for n, p in first.model.named_parameters()}
             self.order = [index[id(p)] for p in first.sampler.param_groups[0]["params"]]
+            self.stack = STACKS[kind[0]]([r.sampler for r in self.runners], [self.trainable[n] for n in self.order])
         self.threads: list[ChainThread] = []
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
             self.full_batch = first.stream.full_batch()
@@ -234,8 +253,10 @@ class VectorizedGroup:
             raise VectorizeError(_why(exc)) from exc
 
     def _fast_ready(self) -> bool:
-        """SGLD: always; SAGA-LD: once every table is allocated (at its first update, made by the chains' own
-        steps) and stacked, and the tables are at the same update count."""
+        """Minibatch estimates: when the diffusion's states agree; SAGA: also once every table is allocated (at its
+        first update, made by the chains' own steps) and stacked, and the tables are at the same update count."""
+        if not self.stack.ready():
+            return False
         if self.fast != "saga":
             return True
         if self.stacked_saga is None:
@@ -262,8 +283,7 @@ class VectorizedGroup:
                 est, commit = [v[n] for n in self.order], self.stacked_saga.commit
             else:
                 est = [grads[n].mul(samplers[0].num_data) for n in self.order]  # Minibatch: N·∇(batch mean)
-            made = langevin_step(samplers, [self.trainable[n] for n in self.order], est, loss.detach(),
-                                 int(indices[0].numel()), self.rng, commit)
+            made = self.stack.step(est, loss.detach(), int(indices[0].numel()), self.rng, commit)
             if made:
                 for r in self.runners:
                     r.grad_evals += float(r.sampler.stats["grad_evals"])
