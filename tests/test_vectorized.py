@@ -425,17 +425,29 @@ def _counting_stacked_steps(monkeypatch) -> list[bool]:
     return made
 
 
-@pytest.mark.parametrize("sampler_fn", [sgld, sghmc, psgld, sgnht, sagald_stacked, sghmc_saga],
-                         ids=lambda f: f.__name__)
+def sagald_every_3rd(m):  # the noise diagnostic on some steps only (NaN between)
+    sampler = sagald(m)
+    sampler.noise_ratio_every = 3
+    return sampler
+
+
+@pytest.mark.parametrize("sampler_fn", [sgld, sghmc, psgld, sgnht, sagald_stacked, sghmc_saga, sgld_diagnosed,
+                                        sagald, sagald_every_3rd], ids=lambda f: f.__name__)
 def test_stacked_diffusions_are_the_sequential_chains(monkeypatch, sampler_fn):
     """Every SG diffusion with a minibatch or SAGA estimate steps all chains at once (each step after the first,
     which allocates the states and tables, is stacked) and still gives the sequential chains: draws and their own
-    stats (kinetic energy, thermostat, preconditioner) within ATOL / rtol 1e-5."""
+    stats (kinetic energy, thermostat, preconditioner, and noise_ratio from the stacked per-example gradients and
+    tables) within ATOL / rtol 1e-5."""
     seq = run(sampler_fn, "sequential")
     made = _counting_stacked_steps(monkeypatch)
     vec = run(sampler_fn, "vectorized")
     assert_same_draws(seq, vec)
     assert len(made) >= 44 and all(made)  # 45 steps, the first per chain for SAGA's table allocation
+    ratio = vec.sample_stats["noise_ratio"].values
+    if sampler_fn in (sgld_diagnosed, sagald):
+        assert np.isfinite(ratio[:, 1:]).all()
+    elif sampler_fn is sagald_every_3rd:  # step s (from 0; draw s − 5 after 5 warmup steps) measures if s % 3 == 0
+        assert np.isfinite(ratio[:, 1::3]).all() and np.isnan(ratio[:, 2::3]).all()
 
 
 def _varying(make):

@@ -36,13 +36,13 @@ __all__ = ["StackedStep", "fits", "log_prob_rows"]
 
 def _estimate_kind(sampler: LangevinSampler) -> str | None:
     """"minibatch" (N·∇ of the batch mean), "saga" (the stacked tables'), or None: an estimate computed per
-    chain (a per-example noise diagnostic on, a closure estimator, another table)."""
+    chain (a closure estimator, another table)."""
     from vr_mcmc.estimators.saga import SAGA
 
     estimator = sampler.estimator
     if type(estimator) is Minibatch:
-        return None if estimator.engine is not None and sampler.noise_ratio_every else "minibatch"
-    if type(estimator) is SAGA and not sampler.noise_ratio_every:
+        return "minibatch"
+    if type(estimator) is SAGA:
         return "saga"
     return None
 
@@ -140,13 +140,19 @@ class StackedStep:
 
     # -- one step ---------------------------------------------------------------------------------------------
 
+    def diagnosed(self) -> list[bool]:
+        """Per chain: whether its sampler measures ``noise_ratio`` at the step about to be made."""
+        return [bool(s.noise_ratio_every) and s._steps % s.noise_ratio_every == 0 for s in self.samplers]
+
     @torch.no_grad()
     def step(self, est: Sequence[torch.Tensor], loss: torch.Tensor, batch_size: int, rng: list[torch.Tensor],
-             commit: Callable[[], None] | None = None) -> bool:
+             commit: Callable[[], None] | None = None, noise_var: torch.Tensor | None = None) -> bool:
         """One step of every chain. ``est[j]``: the estimates of the data term of ∇U for ``params[j]`` (new tensors:
         the prior's gradient is added in place), from the chains' batch mean losses ``loss`` [C]; ``rng[c]``:
         chain c's torch RNG state (used when its sampler has no generator; updated). ``commit``: called once the
-        step is known finite, before the update (the estimator's own state change, e.g. SAGA's table update)."""
+        step is known finite, before the update (the estimator's own state change, e.g. SAGA's table update).
+        ``noise_var`` [C, P]: the estimator's noise variance per chain and parameter (`diagnosed` chains' are
+        turned into their ``noise_ratio``, as their own steps would)."""
         samplers, params, groups = self.samplers, self.params, self.groups
         c = loss.shape[0]
         est = list(est)
@@ -174,13 +180,18 @@ class StackedStep:
         if commit is not None:
             commit()
         noise = self._noise(rng)
+        diagnosed = self.diagnosed() if noise_var is not None else [False] * c
         own = self.update(est, noise)
         for k, sampler in enumerate(samplers):
             sampler._count_step()
             sampler._loss_checked = True
             sampler._finite_norm(norms_list[k])
             extra = {key: float(values[k]) for key, values in own.items()}
-            sampler._set_stats(groups[k], None, batch_size, math.nan, extra, lp_list[k], {}, False)
+            ratio = math.nan
+            if diagnosed[k]:  # after the update, as the sequential step (pSGLD's terms read the new V)
+                sampler._last_noise_var = noise_var[k]
+                ratio = sampler._noise_ratio(noise_var[k])
+            sampler._set_stats(groups[k], None, batch_size, ratio, extra, lp_list[k], {}, False)
         return True
 
     def _noise(self, rng: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -26,6 +26,7 @@ import torch
 from torch_sample.vectorized import STACKS
 from torch_sample.vectorized import fits as stack_fits
 
+from ..estimators.stacked_noise import minibatch_variance
 from ..estimators.stacked_saga import StackedSAGA
 from ..estimators.stacked_saga import fits as saga_fits
 from .batched import BatchedGradients, VectorizeError
@@ -277,13 +278,20 @@ class VectorizedGroup:
         loss, grads, reps = self._compute(batch, self._per_example(active))
         if self.fast and len(active) == len(self.runners) and self._fast_ready():
             samplers = [r.sampler for r in self.runners]
-            commit = None
+            commit, noise_var = None, None
+            diagnose = reps is not None and any(self.stack.diagnosed())
             if self.fast == "saga":
-                v = self.stacked_saga.estimate(torch.stack(indices), grads, reps)
+                v = self.stacked_saga.estimate(torch.stack(indices), grads, reps, diagnose)
                 est, commit = [v[n] for n in self.order], self.stacked_saga.commit
+                if diagnose:  # its columns in the samplers' parameter order
+                    where = {n: j for j, n in enumerate(self.stacked_saga.names)}
+                    noise_var = self.stacked_saga.noise_var[:, [where[n] for n in self.order]]
             else:
                 est = [grads[n].mul(samplers[0].num_data) for n in self.order]  # Minibatch: N·∇(batch mean)
-            made = self.stack.step(est, loss.detach(), int(indices[0].numel()), self.rng, commit)
+                if diagnose:
+                    noise_var = minibatch_variance(reps, self.order, grads, int(indices[0].numel()),
+                                                   samplers[0].num_data)
+            made = self.stack.step(est, loss.detach(), int(indices[0].numel()), self.rng, commit, noise_var)
             if made:
                 for r in self.runners:
                     r.grad_evals += float(r.sampler.stats["grad_evals"])
