@@ -548,3 +548,41 @@ def test_vectorized_compile_is_checked():
         run(sgld, "vectorized", vectorized_compile="yes")
     with pytest.raises(ValueError, match="option of chain_method='vectorized'"):
         run(sgld, "sequential", vectorized_compile=True)
+
+
+class _CountingLoss:
+    """loss_fn that counts its calls (a batched evaluation of all chains calls it once)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        return loss_fn(model, batch)
+
+
+def svrgld_diagnosed(m):  # noise_ratio from the per-example gradients at θ and at the centre
+    loader, fn = _loader(m)
+    return torch_sample.SVRGLD(m.parameters(), lr=1e-3, num_data=N, snapshot_every=7, loader=loader, loss_fn=fn,
+                               prior=PRIOR, engine=vr_mcmc.PerExampleGradients(m))
+
+
+def sgldcv_diagnosed(m):
+    loader, fn = _loader(m)
+    return torch_sample.SGLDCV(m.parameters(), lr=1e-3, num_data=N, loader=loader, loss_fn=fn, prior=PRIOR,
+                               engine=vr_mcmc.PerExampleGradients(m))
+
+
+@pytest.mark.parametrize("sampler_fn", [svrgld_diagnosed, sgldcv_diagnosed], ids=lambda f: f.__name__)
+def test_closure_estimators_evaluate_all_chains_at_once(sampler_fn):
+    """SVRG-LD / SGLD-CV: each chain's step runs in its thread and its two closures a step (at θ and at the
+    centre) are evaluated with the other chains' in one batched computation: ~2 calls of loss_fn a step for the
+    3 chains, not 2 per chain (their full-gradient passes use the sampler's own loss_fn); the draws, noise_ratio
+    included (per-example gradients from the batched pass), are the sequential chains'."""
+    seq = run(sampler_fn, "sequential")
+    counting = _CountingLoss()
+    vec = vr_mcmc.sample(model_fn, sampler_fn, counting, (X, Y), chain_method="vectorized", batch_size=10,
+                         num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False)
+    assert_same_draws(seq, vec)
+    assert counting.calls <= 2 * 45 + 2
+    assert np.isfinite(vec.sample_stats["noise_ratio"].values[:, 1:]).mean() > 0.5

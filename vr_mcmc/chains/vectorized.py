@@ -133,8 +133,12 @@ class VectorizedGroup:
         self._check_resumed_tables()
         self.trainable, self.fixed = self._stack()
         self._check_loss_reduction(template)
-        self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         self.closure_sampler = first.closure_sampler
+        # SVRG-LD / SGLD-CV (closures at θ and at the centre): each chain's own step in its thread, its closures
+        # evaluated in lockstep with the others' (as the closure samplers'), on its own batch
+        self.lockstep_sg = not self.closure_sampler and all(
+            getattr(getattr(r.sampler, "estimator", None), "needs_closure", False) for r in self.runners)
+        self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         data = spec["data"]
         self.tensor_data = isinstance(first.stream, TensorBatches) and (isinstance(data, torch.Tensor) or (
             isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)))
@@ -151,6 +155,7 @@ class VectorizedGroup:
         self.threads: list[ChainThread] = []
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
             self.full_batch = first.stream.full_batch()
+        if self.closure_sampler or self.lockstep_sg:
             self.threads = [ChainThread(f"vr_mcmc chain {c}") for c in chains]
 
     def _check_resumed_tables(self) -> None:
@@ -209,7 +214,7 @@ class VectorizedGroup:
         """Gives the chain's estimator per-example gradients from the batched computation, where it uses them."""
         estimator = getattr(runner.sampler, "estimator", None)
         engine = getattr(estimator, "engine", None)
-        if engine is None or estimator.needs_closure:  # closure estimators keep their engine: their model runs
+        if engine is None or (estimator.needs_closure and not self.lockstep_sg):  # their own model runs: keep it
             return None
         view = _EngineView(engine.parameter_names, runner.sampler.loss_reduction)
         estimator.engine = view
@@ -272,8 +277,10 @@ class VectorizedGroup:
             self._advance_closure(active)
             return
         indices, batch = self._batches(active)
+        if self.lockstep_sg:
+            return self._advance_closure(active, batch, indices)
         closures = [getattr(self.runners[k].sampler.estimator, "needs_closure", False) for k in active]
-        if all(closures):  # SVRG-LD / SGLD-CV: each chain evaluates its own closure (below); nothing to batch
+        if all(closures):  # SVRG-LD / SGLD-CV among other chains: each evaluates its own closure (below)
             return self._step_each(active, indices, batch, None, None, None)
         loss, grads, reps = self._compute(batch, self._per_example(active))
         if self.fast and len(active) == len(self.runners) and self._fast_ready():
@@ -321,14 +328,21 @@ class VectorizedGroup:
             self.rng[k] = torch.get_rng_state()
             runner.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
 
-    def _advance_closure(self, active: list[int]) -> None:
-        """One step of closure samplers (ULA, MALA, HMC, NUTS): each chain's own step in its thread
-        (`lockstep`); each round evaluates every chain parked in its closure with one batched computation."""
+    def _advance_closure(self, active: list[int], batch: tuple | None = None, indices: list | None = None) -> None:
+        """One step of closure samplers (ULA, MALA, HMC, NUTS; ``batch`` None: the full data, shared) or of SG
+        samplers with closure estimators (SVRG-LD, SGLD-CV; ``batch``: the chains' own batches [C, B, ...], and
+        ``indices``): each chain's own step in its thread (`lockstep`); each round evaluates every chain parked
+        in its closure with one batched computation (with per-example gradients on the steps whose noise
+        diagnostic reads them, served to the chains' estimators by their `_EngineView`)."""
+        shared = batch is None
+        per_example = not shared and self._per_example(active)  # decided before the steps count themselves
+        if shared:
+            batch = self.full_batch
         state: dict[int, str] = {}
         for k in active:
             runner, thread = self.runners[k], self.threads[k]
             torch.set_rng_state(self.rng[k])
-            state[k] = thread.start(lambda s=runner.sampler, t=thread: s.step(t.closure))
+            state[k] = thread.start(_step_work(runner.sampler, thread, None if shared else indices[k]))
             self.rng[k] = torch.get_rng_state()
         while True:
             waiting = [k for k in active if state[k] == "eval"]
@@ -336,14 +350,20 @@ class VectorizedGroup:
                 break
             try:
                 with torch.enable_grad():
-                    loss, grads, _ = self.gradients.compute(self.trainable, self.fixed, self.full_batch, False,
-                                                            shared=True)
+                    loss, grads, reps = self.gradients.compute(self.trainable, self.fixed, batch, per_example,
+                                                               shared=shared)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
+                if isinstance(exc, VectorizeError):
+                    raise
                 raise VectorizeError(_why(exc)) from exc
             for k in waiting:
                 named = dict(self.runners[k].model.named_parameters())
                 for n in self.names:
                     named[n].grad = grads[n][k]
+                view = self.views[k]
+                if view is not None:
+                    view.reps = None if reps is None else reps.chain(k)
+                    view.grads = {n: grads[n][k] for n in self.names}
                 torch.set_rng_state(self.rng[k])
                 state[k] = self.threads[k].answer(loss[k].detach())
                 self.rng[k] = torch.get_rng_state()
@@ -404,6 +424,13 @@ class VectorizedGroup:
                 bar.close()
         return [{"chain": r.chain, "elapsed": r.elapsed + time.perf_counter() - r.start_time, "index": r.index,
                  "params": None if r.param_files is None else r.param_files.index} for r in self.runners]
+
+
+def _step_work(sampler: Any, thread: ChainThread, indices: torch.Tensor | None) -> Any:
+    """One step of ``sampler`` with the thread's closure (and the batch's ``indices``: SG samplers)."""
+    if indices is None:
+        return lambda: sampler.step(thread.closure)
+    return lambda: sampler.step(thread.closure, indices=indices)
 
 
 def _why(exc: BaseException) -> str:
