@@ -154,7 +154,7 @@ class _Interrupting:
 # also resumed by the slow selection
 @pytest.mark.parametrize(("sampler_fn", "after"), [
     pytest.param(sgld, 32, id="sgld"), pytest.param(sagald_stacked, 32, id="sagald_stacked"),
-    pytest.param(sagald, 32, id="sagald", marks=pytest.mark.slow),
+    pytest.param(sagald, 32, id="sagald", marks=pytest.mark.slow), pytest.param(svrgld, 60, id="svrgld"),
     pytest.param("hmc", 150, id="hmc", marks=pytest.mark.slow)])
 def test_vectorized_resume_is_exact(tmp_path, sampler_fn, after):
     """Interrupted after ``after`` batched evaluations (a step of SGLD is one, of HMC ~5; checkpoints every 10
