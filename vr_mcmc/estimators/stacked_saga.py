@@ -82,21 +82,28 @@ class StackedSAGA:
         update is kept for `commit`. ``diagnose``: also SAGA's ``noise_var`` (the spread of g_j − h_j over the
         batch), per chain and parameter in `names` order, as ``self.noise_var`` [C, P] (else None)."""
         c, b = indices.shape
-        chain = torch.arange(c).unsqueeze(1)
+        # rows of chain k's table are rows k·N .. k·N + N − 1 of the stacked [C·N, ...] view: one index_select
+        # and one index_copy_ per tensor (two-index advanced indexing costs several times more on small rows)
+        rows = self.tables[0].num_rows
+        flat = (torch.arange(c, device=indices.device).unsqueeze(1) * rows + indices).reshape(-1)
         scale = self.tables[0].num_data / b
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(c * rows, *t.shape[2:]).index_select(0, flat).reshape(c, b, *t.shape[2:])
+
         out, new_rows, sums, olds, squares = {}, {}, {}, {}, []
         for n in self.names:
             total = self.total[n]
             if self.kinds[n] is DenseStore:
                 (data,) = self.rows[n]
-                stored = data[chain, indices].to(total.dtype)
+                stored = gather(data).to(total.dtype)
                 old = stored.sum(1)
                 new_rows[n] = (reps.dense(n).to(data),)
                 if diagnose:
                     squares.append((new_rows[n][0].to(total.dtype) - stored).reshape(c, b, -1).square().sum((1, 2)))
             else:
                 inputs, grad_outputs = self.rows[n]
-                a, z = inputs[chain, indices].to(total.dtype), grad_outputs[chain, indices].to(total.dtype)
+                a, z = gather(inputs).to(total.dtype), gather(grad_outputs).to(total.dtype)
                 entry = reps.entries[n]
                 if entry[0] != "factored":
                     raise TypeError(f"'{n}' is stored factored but its per-example gradients are not Factored")
@@ -113,7 +120,7 @@ class StackedSAGA:
             s = grads[n] * b  # Σ_i g_i = B·∇(batch mean): the new rows' sum (lossless stores)
             sums[n], olds[n] = s.to(total.dtype), old
             out[n] = torch.add(total, sums[n] - old, alpha=scale).to(grads[n].dtype)
-        self._pending = (chain, indices, new_rows, sums, olds)
+        self._pending = (flat, new_rows, sums, olds)
         self.noise_var = None
         if diagnose:
             moved = [sums[n] - olds[n] for n in self.names]
@@ -122,11 +129,12 @@ class StackedSAGA:
 
     def commit(self) -> None:
         """Writes the last `estimate`'s rows into the tables and moves their totals (and accumulators)."""
-        chain, indices, new_rows, sums, olds = self._pending
+        flat, new_rows, sums, olds = self._pending
         self._pending = None
         for n in self.names:
             for stored, new in zip(self.rows[n], new_rows[n]):
-                stored[chain, indices] = new
+                # distinct rows (a chain's batch has no repeats, chains own disjoint ranges): a plain scatter
+                stored.view(-1, *stored.shape[2:]).index_copy_(0, flat, new.reshape(-1, *stored.shape[2:]))
             total = self.total[n]
             total.add_(sums[n]).sub_(olds[n])
             if n in self.recent:
