@@ -123,6 +123,8 @@ class VectorizedGroup:
             self.rng.append(torch.get_rng_state())
         first = self.runners[0]
         self.names = [n for n, p in first.model.named_parameters() if p.requires_grad]
+        # each chain's trainable parameters in that order (its .grad is set from the batched results)
+        self.chain_params = [[dict(r.model.named_parameters())[n] for n in self.names] for r in self.runners]
         with torch.random.fork_rng(devices=[]):
             template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
         compile = spec.get("vectorized_compile")
@@ -311,9 +313,8 @@ class VectorizedGroup:
         for k in active:
             runner = self.runners[k]
             if grads is not None:
-                named = dict(runner.model.named_parameters())
-                for n in self.names:
-                    named[n].grad = grads[n][k]
+                for n, p in zip(self.names, self.chain_params[k]):
+                    p.grad = grads[n][k]
             view = self.views[k]
             if view is not None:
                 view.reps = None if reps is None else reps.chain(k)
@@ -357,9 +358,8 @@ class VectorizedGroup:
                     raise
                 raise VectorizeError(_why(exc)) from exc
             for k in waiting:
-                named = dict(self.runners[k].model.named_parameters())
-                for n in self.names:
-                    named[n].grad = grads[n][k]
+                for n, p in zip(self.names, self.chain_params[k]):
+                    p.grad = grads[n][k]
                 view = self.views[k]
                 if view is not None:
                     view.reps = None if reps is None else reps.chain(k)
