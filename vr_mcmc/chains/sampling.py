@@ -88,9 +88,9 @@ def sample(
     `vr_mcmc.chains.vectorized`): the chains' parameters stacked with a leading chain dimension, ``loss_fn`` under
     ``torch.vmap`` of ``torch.func.functional_call``, per-example gradients for SAGA-LD's table from the same
     batched pass; every sampler (the SG family, SAGA-LD/SVRG-LD/SGLD-CV, ULA/MALA/HMC/NUTS with per-chain adaptation
-    and trees). Plain SGLD, and SAGA-LD with ``noise_ratio_every=0``, update all chains (and SAGA's tables, stacked)
-    in one step; the other samplers step per chain on the batched gradients (SVRG-LD/SGLD-CV are not batched: their
-    closures, at θ and at the centre, run on each chain's own model). Chain c is sequential chain c with the same
+    and trees). SGLD, SAGA-LD, SGHMC, pSGLD and SGNHT (minibatch or SAGA estimates, noise diagnostic included)
+    update all chains (and SAGA's tables, stacked) in one step; SVRG-LD/SGLD-CV and the closure samplers step per
+    chain, their closures evaluated for all chains at once. Chain c is sequential chain c with the same
     seed (same init, batches and noise) up to float rounding of the batched sums, with the same output and
     checkpoint files (a sequential checkpoint resumes vectorized; not for SAGA-LD on a model with parameters outside
     Linear layers, whose table rows the vectorized pass computes dense where the engine stores factors). The model

@@ -7,11 +7,15 @@ into stacked tensors with a leading chain dimension, each chain's ``nn.Parameter
 its slice, so the batched forward reads them without a copy and each sampler's in-place update writes into them. Per
 step: every chain draws its own batch from its own stream, one vmapped computation gives every chain's loss, batch
 gradient (written into that chain's ``.grad``) and, for estimators that use them (SAGA's table, the ``noise_ratio``
-diagnostic), its per-example gradients, served to its estimator by an `_EngineView`; then each chain's sampler steps
-with the torch RNG state that chain would have in a sequential run (swapped in and out), so chain c draws the same
-noise as sequential chain c. SVRG-LD / SGLD-CV evaluate their closure at θ and again at the centre (and their
-full-gradient passes) on the chain's own model: those chains run as sequential ones, in turn. With
-``max_vectorized=k`` groups of at most k chains run one after another.
+diagnostic), its per-example gradients, stacked; then SGLD, SAGA-LD, SGHMC, pSGLD and SGNHT chains with a minibatch
+or SAGA estimate update all chains in one stacked step (`torch_sample.vectorized`, SAGA's tables stacked by
+`vr_mcmc.estimators.stacked_saga`), each chain drawing its noise from the torch RNG state that chain would have in
+a sequential run (swapped in and out), so chain c draws the same noise as sequential chain c; other SG chains step
+per chain on their slices of the batched results, served to their estimators by an `_EngineView`. Samplers with
+closures (ULA, MALA, HMC, NUTS on the full data; SVRG-LD / SGLD-CV at θ and at the centre, on each chain's batch)
+run each chain's own ``step`` in a thread of its own (`lockstep`), every closure call evaluated with the other
+chains' in one batched computation. ``vectorized_compile`` runs the batched computations through torch.compile
+(`batched.CompiledOnce`). With ``max_vectorized=k`` groups of at most k chains run one after another.
 """
 
 from __future__ import annotations
