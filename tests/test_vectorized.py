@@ -505,7 +505,8 @@ def test_frozen_preconditioner_and_resumed_states_are_per_chain(tmp_path):
             assert v.untyped_storage().nbytes() == v.numel() * v.element_size()  # its own slice only
 
 
-@pytest.mark.parametrize("sampler_fn", [sghmc, sgnht], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("sampler_fn", [sghmc, pytest.param(sgnht, marks=pytest.mark.slow)],
+                         ids=lambda f: getattr(f, "__name__", "sgnht"))
 def test_stacked_momentum_resume_is_exact(tmp_path, sampler_fn):
     """SGHMC / SGNHT (stacked momentum and thermostats) interrupted and resumed: bit-identical."""
     options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
