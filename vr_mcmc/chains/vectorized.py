@@ -443,7 +443,8 @@ def _why(exc: BaseException) -> str:
     low = text.lower()
     if "data-dependent control flow" in low or "is_nonzero" in low or "item()" in low or ".item" in low:
         cause = "data-dependent Python control flow (an `if` or `.item()` on a tensor's value) in the model or loss"
-    elif "inplace" in low or "in-place" in low or "in place" in low:
+    elif "inplace" in low or "in-place" in low or "in place" in low or "match the broadcast shape" in low:
+        # (the last: an in-place op of a batched value into an unbatched tensor, as vmap's forward reports it)
         cause = ("an in-place update of a buffer or parameter in the forward (e.g. BatchNorm in training mode "
                  "updating its running statistics)")
     elif "random" in low:
