@@ -99,8 +99,8 @@ def sample(
     names the cause. ``max_vectorized=k``: at most k chains per batched computation (groups run one after another).
     ``vectorized_compile``: run the batched computations through ``torch.compile`` (compiled once per group, for
     the run's batch size; a failing compilation warns and runs eager); None (default) compiles for runs of at least
-    `vr_mcmc.chains.vectorized.COMPILE_MIN_STEPS` (2000) steps per chain, where the compilation's few seconds are
-    repaid (benchmarks/RESULTS.md, "Vectorized chains").
+    5000 steps per chain (500 for ULA/MALA/HMC/NUTS, whose steps make full-data evaluations), where the
+    compilation's seconds are repaid (`vr_mcmc.chains.vectorized.COMPILE_MIN_STEPS`; benchmarks/RESULTS.md).
     ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with

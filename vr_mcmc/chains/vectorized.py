@@ -38,11 +38,14 @@ from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
 from .stream import TensorBatches
 
-__all__ = ["COMPILE_MIN_STEPS", "VectorizeError", "check_vectorizable", "run_vectorized"]
+__all__ = ["COMPILE_MIN_CLOSURE_STEPS", "COMPILE_MIN_STEPS", "VectorizeError", "check_vectorizable", "run_vectorized"]
 
-# runs of at least this many steps per chain compile their batched computations by default: a compilation costs
-# 1-7 s (the first in a process the most) and saves 1.2-1.8 ms a step on the demo MLP (benchmarks/RESULTS.md)
-COMPILE_MIN_STEPS = 2000
+# Runs of at least this many steps per chain compile their batched computations by default (benchmarks/RESULTS.md,
+# "Vectorized chains"; demo MLP, one thread): a compilation costs 0.2-0.8 s with inductor's on-disk cache warm and
+# 4-7 s cold (the first of a process, or a new graph); it saves ~0.5 ms a step of an SG sampler (16 chains: 2.8 ->
+# 2.2 ms for SGLD) and 2-8 ms a full-data evaluation (16 chains: 14.5 -> 6.8 ms), of which HMC makes ~8 a step.
+COMPILE_MIN_STEPS = 5000
+COMPILE_MIN_CLOSURE_STEPS = 500  # ULA/MALA/HMC/NUTS: one or more full-data evaluations a step
 
 SEQUENTIAL = 'run these chains with chain_method="sequential" (or "parallel")'
 
@@ -133,7 +136,7 @@ class VectorizedGroup:
             template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
         compile = spec.get("vectorized_compile")
         if compile is None:  # by the run's length, not what is left of it: a resumed run computes as it began
-            compile = first.total >= COMPILE_MIN_STEPS
+            compile = first.total >= (COMPILE_MIN_CLOSURE_STEPS if first.closure_sampler else COMPILE_MIN_STEPS)
         self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
                                           getattr(first.sampler, "loss_reduction", "mean"), compile=compile)
         self._check_resumed_tables()
