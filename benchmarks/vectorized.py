@@ -79,7 +79,7 @@ METHODS = {"SGLD": (sgld, 32), "SAGA-LD": (sagald, 32), "HMC": (hmc, 32)}
 
 def run_time(method: str, chains: int, chain_method: str, steps: int, compiled: bool | None = None) -> float:
     sampler_fn, batch = METHODS[method]
-    extra = {} if chain_method != "vectorized" else {"vectorized_compile": bool(compiled)}
+    extra = {} if chain_method != "vectorized" or compiled is None else {"vectorized_compile": compiled}
     start = time.perf_counter()
     vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), batch_size=batch, num_warmup=0, num_samples=steps,
                    num_chains=chains, chain_method=chain_method, progress=False, record={"b": first_bias},
