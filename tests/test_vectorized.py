@@ -286,19 +286,20 @@ def test_vectorized_closure_sampler_is_the_sequential_chain(sampler_fn):
 
 
 @pytest.mark.slow
-def test_resume_with_chains_at_different_steps(tmp_path):
+@pytest.mark.parametrize("sampler_fn", [sgld, sghmc], ids=lambda f: f.__name__)
+def test_resume_with_chains_at_different_steps(tmp_path, sampler_fn):
     """A checkpoint where one chain is behind the others (here: its files deleted, so it starts again): the chains
-    that are behind step alone until they catch up, then all step together; the result equals an uninterrupted
-    run's."""
+    that are behind step alone (their samplers' own steps) until they catch up, then all step together (stacked,
+    SGHMC's momenta re-stacked); the result equals an uninterrupted run's, bit for bit, stats included."""
     options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
                    checkpoint_every=10, chain_method="vectorized")
-    whole = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    whole = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        vr_mcmc.sample(model_fn, sgld, _Interrupting(32), (X, Y), checkpoint=cut, **options)
+        vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(32), (X, Y), checkpoint=cut, **options)
     for path in cut.glob("*chain_1.*"):
         path.unlink()
-    resumed = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=cut, **options)
+    resumed = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=cut, **options)
     assert_same_draws(whole, resumed, exact=True)
 
 

@@ -62,12 +62,13 @@ def fits(sampler: torch.optim.Optimizer) -> str | None:
 
 def log_prob_rows(prior: Prior, param: torch.Tensor) -> torch.Tensor:
     """[C]: ``prior.log_prob(param[c])`` for each slice c of a stacked parameter, without a loop for the priors of
-    `torch_sample.priors` (the same formulas, summed per slice)."""
+    `torch_sample.priors` (the same formulas, summed per slice: the same floats as a chain's own step, so a chain
+    that steps alone after a resume records what the stacked step would)."""
     c, n = param.shape[0], param[0].numel()
     rows = param.reshape(c, -1)
-    if type(prior) is Normal:  # ‖θ − μ‖² by one reduction (Normal.log_prob's z² summed, up to rounding)
-        sq = torch.linalg.vector_norm(rows - prior.mean if prior.mean else rows, dim=1).square()
-        return -0.5 * sq / prior.std**2 - n * (math.log(prior.std) + 0.5 * math.log(2 * math.pi))
+    if type(prior) is Normal:
+        z = (rows - prior.mean) / prior.std
+        return -0.5 * (z * z).sum(1) - n * (math.log(prior.std) + 0.5 * math.log(2 * math.pi))
     if type(prior) is Laplace:
         return -(rows - prior.loc).abs().sum(1) / prior.scale - n * math.log(2 * prior.scale)
     if type(prior) is Flat:
@@ -89,9 +90,14 @@ def _axpy_(y: torch.Tensor, x: torch.Tensor, a: float | torch.Tensor) -> torch.T
 
 
 def _sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[C]: Σ over the tensors of each chain's squared norm (as ``Σ _foreach_norm²`` of its slices)."""
+    """[C]: Σ over the tensors of each chain's squared norm, in the sequential step's float32 order
+    (``sum(n * n for n in _foreach_norm(slices))``; a row's norm is its slice's, bit for bit)."""
     c = tensors[0].shape[0]
-    return torch.stack([t.reshape(c, -1).norm(dim=1) ** 2 for t in tensors]).sum(0)
+    norms = [t.reshape(c, -1).norm(dim=1) for t in tensors]
+    total = norms[0] * norms[0]
+    for n in norms[1:]:
+        total = total + n * n
+    return total
 
 
 class StackedStep:
