@@ -432,8 +432,23 @@ def sagald_every_3rd(m):  # the noise diagnostic on some steps only (NaN between
     return sampler
 
 
+def sgld_momentum(m):  # torch.optim.SGD's heavy ball with noise (SGLD's SGHMC form)
+    return torch_sample.SGLD(m.parameters(), lr=1e-3, num_data=N, momentum=0.9, prior=PRIOR)
+
+
+def csgld(m):  # a schedule: step size and temperature per step (45 = num_warmup + num_samples of run)
+    return torch_sample.SGLD(m.parameters(), lr=1e-3, num_data=N, prior=PRIOR,
+                             schedule=torch_sample.schedules.Cyclical(2, 45, exploration=0.5))
+
+
+def csghmc(m):
+    return torch_sample.SGHMC(m.parameters(), lr=1e-3, num_data=N, friction=0.2, prior=PRIOR,
+                              schedule=torch_sample.schedules.Cyclical(3, 45, exploration=0.3))
+
+
 @pytest.mark.parametrize("sampler_fn", [sgld, sghmc, psgld, sgnht, sagald_stacked, sghmc_saga, sgld_diagnosed,
-                                        sagald, sagald_every_3rd], ids=lambda f: f.__name__)
+                                        sagald, sagald_every_3rd, sgld_momentum, csgld, csghmc],
+                         ids=lambda f: f.__name__)
 def test_stacked_diffusions_are_the_sequential_chains(monkeypatch, sampler_fn):
     """Every SG diffusion with a minibatch or SAGA estimate steps all chains at once (each step after the first,
     which allocates the states and tables, is stacked) and still gives the sequential chains: draws and their own

@@ -2,9 +2,10 @@
 ``step`` do, as a few tensor operations.
 
 `vr_mcmc.sample(..., chain_method="vectorized")` builds a `StackedStep` for chains whose samplers it `fits`:
-SGLD and SAGA-LD (Langevin, no momentum), SGHMC, pSGLD and SGNHT, with the minibatch estimate or SAGA's (its
-tables stacked by `vr_mcmc.estimators.stacked_saga`). Each chain keeps its sampler (its options, step counter,
-stats, generator, state dict); its parameters are slices of the stacked tensors, and so are its sampler's state
+SGLD and SAGA-LD (Langevin, with or without heavy-ball momentum), SGHMC, pSGLD and SGNHT, with the minibatch
+estimate or SAGA's (its tables stacked by `vr_mcmc.estimators.stacked_saga`), schedules (cSGLD, cSGHMC) applied
+per chain. Each chain keeps its sampler (its options, step counter, stats, generator, state dict); its parameters
+are slices of the stacked tensors, and so are its sampler's state
 tensors (momentum, RMSprop's average), so a chain's own ``step`` (the per-chain fallback) and its state dict see
 what the stacked steps did. With ∇Ũ = v + ∇(−log p(θ)), v the estimate of the data term, the diffusions are their
 samplers' (see each class): each chain with its own h, T, prior and options, its noise drawn from its own generator
@@ -49,13 +50,13 @@ def _estimate_kind(sampler: LangevinSampler) -> str | None:
 
 def fits(sampler: torch.optim.Optimizer) -> str | None:
     """Which estimate a `StackedStep` can make this sampler's step with ("minibatch" or "saga"), or None: it needs a
-    diffusion of `STACKS` with its plain options (see each), one param group, no schedule, a mean loss, every
-    parameter trainable, and an estimate that `_estimate_kind` names."""
+    diffusion of `STACKS` with its plain options (see each), one param group, a mean loss, every parameter
+    trainable, and an estimate that `_estimate_kind` names (a schedule, e.g. cSGHMC's, is applied per chain)."""
     stack = STACKS.get(type(sampler))
     if stack is None or len(sampler.param_groups) != 1:
         return None
     group = sampler.param_groups[0]
-    plain = (sampler.schedule is None and sampler.check_finite and sampler.loss_reduction == "mean"
+    plain = (sampler.check_finite and sampler.loss_reduction == "mean"
              and all(p.requires_grad for p in group["params"]) and stack.plain(sampler, group))
     return _estimate_kind(sampler) if plain else None
 
@@ -111,6 +112,7 @@ class StackedStep:
         self.samplers = list(samplers)
         self.params = list(params)
         self.groups = [s.param_groups[0] for s in self.samplers]
+        self.eff = list(self.groups)  # the groups' options with each chain's schedule applied, for this step
         self._states: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     @staticmethod
@@ -185,19 +187,23 @@ class StackedStep:
             return False
         if commit is not None:
             commit()
-        noise = self._noise(rng)
         diagnosed = self.diagnosed() if noise_var is not None else [False] * c
+        phases = []
+        for sampler in samplers:  # the step counts itself before its schedule's phase is read, as sequential
+            sampler._count_step()
+            phases.append(sampler._schedule_phase())
+        self.eff = [s._effective(g, ph) for s, g, ph in zip(samplers, groups, phases)]
+        noise = self._noise(rng)
         own = self.update(est, noise)
         for k, sampler in enumerate(samplers):
-            sampler._count_step()
             sampler._loss_checked = True
             sampler._finite_norm(norms_list[k])
             extra = {key: float(values[k]) for key, values in own.items()}
             ratio = math.nan
             if diagnosed[k]:  # after the update, as the sequential step (pSGLD's terms read the new V)
                 sampler._last_noise_var = noise_var[k]
-                ratio = sampler._noise_ratio(noise_var[k])
-            sampler._set_stats(groups[k], None, batch_size, ratio, extra, lp_list[k], {}, False)
+                ratio = sampler._noise_ratio(noise_var[k], phases[k])
+            sampler._set_stats(self.eff[k], phases[k], batch_size, ratio, extra, lp_list[k], {}, False)
         return True
 
     def _noise(self, rng: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -229,7 +235,7 @@ class StackedStep:
 
     def draws(self, k: int) -> list[bool]:
         """Per parameter: whether chain k's step draws noise for it."""
-        return [self.groups[k]["temperature"] > 0] * len(self.params)
+        return [self.eff[k]["temperature"] > 0] * len(self.params)
 
     def update(self, grads: list[torch.Tensor], noise: list[torch.Tensor | None]) -> dict[str, list[float]]:
         """Moves the stacked parameters given ``grads`` = ∇Ũ; returns the diffusion's own stats per chain."""
@@ -237,22 +243,37 @@ class StackedStep:
 
 
 class LangevinStack(StackedStep):
-    """SGLD / SAGA-LD (`LangevinSampler` without momentum): θ ← θ − h·∇Ũ + √(2hT)·ξ."""
+    """SGLD / SAGA-LD (`LangevinSampler`): θ ← θ − h·∇Ũ + √(2hT)·ξ; with ``momentum`` μ torch.optim.SGD's heavy ball
+    b ← μ·b + ∇Ũ − √(2(1−μ)hT)/h·ξ, θ ← θ − h·b (Nesterov: θ ← θ − h·(∇Ũ + μ·b), at T = 0)."""
 
     sampler_type = LangevinSampler
 
-    @staticmethod
-    def plain(sampler, group):
-        return not group["momentum"] and not group["nesterov"]
+    def ready(self):
+        # chains agree on whether they have momentum (and Nesterov): a zero μ is another sequence of operations
+        kinds = {(bool(g["momentum"]), bool(g["nesterov"])) for g in self.groups}
+        return len(kinds) == 1
 
     def update(self, grads, noise):
-        lrs = [float(g["lr"]) for g in self.groups]
-        scales = [math.sqrt(2.0 * h * g["temperature"]) if g["temperature"] > 0 else 0.0
-                  for h, g in zip(lrs, self.groups)]
-        for p, g, xi in zip(self.params, grads, noise):
-            _axpy_(p, g, _per_chain([-h for h in lrs], p))
-            if xi is not None:
-                _axpy_(p, xi, _per_chain(scales, p))
+        lrs = [float(g["lr"]) for g in self.eff]
+        mus = [float(g["momentum"]) for g in self.eff]
+        scales = [math.sqrt(2.0 * h * g["temperature"] * (1.0 - mu)) if g["temperature"] > 0 else 0.0
+                  for h, g, mu in zip(lrs, self.eff, mus)]
+        if not mus[0]:
+            for p, g, xi in zip(self.params, grads, noise):
+                _axpy_(p, g, _per_chain([-h for h in lrs], p))
+                if xi is not None:
+                    _axpy_(p, xi, _per_chain(scales, p))
+            return {}
+        nesterov = self.eff[0]["nesterov"]
+        for j, (p, g, xi) in enumerate(zip(self.params, grads, noise)):
+            b = self.state(j, "momentum_buffer", lambda k, p=p: torch.zeros_like(p[k]))
+            mu = _per_chain(mus, p)
+            b.mul_(mu)
+            b.add_(g)
+            if xi is not None:  # velocity u = −h·b gets √(2(1−μ)hT)·ξ
+                _axpy_(b, xi, _per_chain([-s / h for s, h in zip(scales, lrs)], p))
+            d = (torch.add(g, b, alpha=mu) if isinstance(mu, float) else g + b * mu) if nesterov else b
+            _axpy_(p, d, _per_chain([-h for h in lrs], p))
         return {}
 
 
@@ -266,15 +287,15 @@ class SGHMCStack(StackedStep):
         return group["beta"] != "auto"
 
     def _vars(self, k: int) -> float:
-        g = self.groups[k]
+        g = self.eff[k]
         return g["lr"] * g["temperature"] * (2.0 * g["friction"] - g["lr"] * float(g["beta"]))
 
     def draws(self, k):
-        return [self.groups[k]["temperature"] > 0 and self._vars(k) > 0] * len(self.params)
+        return [self.eff[k]["temperature"] > 0 and self._vars(k) > 0] * len(self.params)
 
     def update(self, grads, noise):
-        h = [float(g["lr"]) for g in self.groups]
-        damp = [1.0 - g["lr"] * g["friction"] for g in self.groups]
+        h = [float(g["lr"]) for g in self.eff]
+        damp = [1.0 - g["lr"] * g["friction"] for g in self.eff]
         sd = [math.sqrt(self._vars(k)) if d[0] else 0.0 for k, d in enumerate(map(self.draws, range(len(h))))]
         moms = []
         for j, (p, g, xi) in enumerate(zip(self.params, grads, noise)):
@@ -307,9 +328,9 @@ class PSGLDStack(StackedStep):
 
     def update(self, grads, noise):
         frozen = self.samplers[0].preconditioner_frozen
-        h = [float(g["lr"]) for g in self.groups]
+        h = [float(g["lr"]) for g in self.eff]
         scales = [math.sqrt(2.0 * x * g["temperature"]) if g["temperature"] > 0 else 0.0
-                  for x, g in zip(h, self.groups)]
+                  for x, g in zip(h, self.eff)]
         c = len(self.samplers)
         total = torch.zeros(c, dtype=torch.float64)
         count = 0
@@ -318,12 +339,12 @@ class PSGLDStack(StackedStep):
             if v is None:
                 v = self.state(j, "square_avg", lambda k, g=g: g[k] * g[k])
             elif not frozen:
-                a = _per_chain([float(gr["alpha"]) for gr in self.groups], p)
+                a = _per_chain([float(gr["alpha"]) for gr in self.eff], p)
                 if isinstance(a, float):
                     v.mul_(a).addcmul_(g, g, value=1.0 - a)
                 else:
                     v.mul_(a).add_(g * g * (1.0 - a))
-            eps = _per_chain([float(gr["eps"]) for gr in self.groups], p)
+            eps = _per_chain([float(gr["eps"]) for gr in self.eff], p)
             precond = (v.sqrt() + eps).reciprocal_()
             if isinstance(h_c := _per_chain([-x for x in h], p), float):
                 p.addcmul_(precond, g, value=h_c)
@@ -346,11 +367,11 @@ class SGNHTStack(StackedStep):
     sampler_type = SGNHT
 
     def update(self, grads, noise):
-        head = [s.state[g["params"][0]] for s, g in zip(self.samplers, self.groups)]
-        xi = [float(st.setdefault("thermostat", float(g["friction"]))) for st, g in zip(head, self.groups)]
-        h = [float(g["lr"]) for g in self.groups]
+        head = [s.state[g["params"][0]] for s, g in zip(self.samplers, self.eff)]
+        xi = [float(st.setdefault("thermostat", float(g["friction"]))) for st, g in zip(head, self.eff)]
+        h = [float(g["lr"]) for g in self.eff]
         scales = [math.sqrt(2.0 * g["friction"] * g["lr"] * g["temperature"]) if g["temperature"] > 0 else 0.0
-                  for g in self.groups]
+                  for g in self.eff]
         moms = []
         for j, (p, g, eta) in enumerate(zip(self.params, grads, noise)):
             r = self.state(j, "momentum", lambda k, p=p: torch.zeros_like(p[k]))
@@ -365,7 +386,7 @@ class SGNHTStack(StackedStep):
         size = sum(p[0].numel() for p in self.params)
         thermostat = []
         for k, st in enumerate(head):
-            st["thermostat"] = xi[k] + h[k] * (sq[k] / size - self.groups[k]["temperature"])
+            st["thermostat"] = xi[k] + h[k] * (sq[k] / size - self.eff[k]["temperature"])
             thermostat.append(st["thermostat"])
         return {"kinetic_energy": [0.5 * x for x in sq], "thermostat": thermostat}
 
