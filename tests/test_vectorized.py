@@ -446,8 +446,13 @@ def csghmc(m):
                               schedule=torch_sample.schedules.Cyclical(3, 45, exploration=0.3))
 
 
+def sghmc_auto(m):  # β from each chain's own noise diagnostic (per-example gradients of the batched pass)
+    return torch_sample.SGHMC(m.parameters(), lr=1e-3, num_data=N, friction=0.2, beta="auto", prior=PRIOR,
+                              engine=vr_mcmc.PerExampleGradients(m))
+
+
 @pytest.mark.parametrize("sampler_fn", [sgld, sghmc, psgld, sgnht, sagald_stacked, sghmc_saga, sgld_diagnosed,
-                                        sagald, sagald_every_3rd, sgld_momentum, csgld, csghmc],
+                                        sagald, sagald_every_3rd, sgld_momentum, csgld, csghmc, sghmc_auto],
                          ids=lambda f: f.__name__)
 def test_stacked_diffusions_are_the_sequential_chains(monkeypatch, sampler_fn):
     """Every SG diffusion with a minibatch or SAGA estimate steps all chains at once (each step after the first,

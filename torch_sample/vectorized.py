@@ -193,6 +193,9 @@ class StackedStep:
             sampler._count_step()
             phases.append(sampler._schedule_phase())
         self.eff = [s._effective(g, ph) for s, g, ph in zip(samplers, groups, phases)]
+        for k, sampler in enumerate(samplers):
+            if diagnosed[k]:  # before the update, as the sequential step (SGHMC's beta="auto" reads it)
+                sampler._last_noise_var = noise_var[k]
         noise = self._noise(rng)
         own = self.update(est, noise)
         for k, sampler in enumerate(samplers):
@@ -201,7 +204,6 @@ class StackedStep:
             extra = {key: float(values[k]) for key, values in own.items()}
             ratio = math.nan
             if diagnosed[k]:  # after the update, as the sequential step (pSGLD's terms read the new V)
-                sampler._last_noise_var = noise_var[k]
                 ratio = sampler._noise_ratio(noise_var[k], phases[k])
             sampler._set_stats(self.eff[k], phases[k], batch_size, ratio, extra, lp_list[k], {}, False)
         return True
@@ -278,25 +280,25 @@ class LangevinStack(StackedStep):
 
 
 class SGHMCStack(StackedStep):
-    """`SGHMC` with a numeric ``beta``: r ← (1 − hα)·r − h·∇Ũ + √(hT(2α − hβ))·ξ, θ ← θ + h·r."""
+    """`SGHMC`: r ← (1 − hα)·r − h·∇Ũ + √(hT(2α − hβ))·ξ, θ ← θ + h·r, with β a number or (``beta="auto"``) each
+    chain's own estimate per parameter (`SGHMC._beta`, from its latest noise diagnostic)."""
 
     sampler_type = SGHMC
 
-    @staticmethod
-    def plain(sampler, group):
-        return group["beta"] != "auto"
-
-    def _vars(self, k: int) -> float:
-        g = self.eff[k]
-        return g["lr"] * g["temperature"] * (2.0 * g["friction"] - g["lr"] * float(g["beta"]))
+    def _vars(self, k: int) -> list[float]:
+        """Chain k's injected variance per parameter, h·T·(2α − h·β)."""
+        g, sampler = self.eff[k], self.samplers[k]
+        return [g["lr"] * g["temperature"] * (2.0 * g["friction"] - g["lr"] * sampler._beta(g, p))
+                for p in self.groups[k]["params"]]
 
     def draws(self, k):
-        return [self.eff[k]["temperature"] > 0 and self._vars(k) > 0] * len(self.params)
+        return [self.eff[k]["temperature"] > 0 and v > 0 for v in self._vars(k)]
 
     def update(self, grads, noise):
         h = [float(g["lr"]) for g in self.eff]
         damp = [1.0 - g["lr"] * g["friction"] for g in self.eff]
-        sd = [math.sqrt(self._vars(k)) if d[0] else 0.0 for k, d in enumerate(map(self.draws, range(len(h))))]
+        sd = [[math.sqrt(v) if drawn else 0.0 for v, drawn in zip(self._vars(k), self.draws(k))]
+              for k in range(len(h))]
         moms = []
         for j, (p, g, xi) in enumerate(zip(self.params, grads, noise)):
             r = self.state(j, "momentum", lambda k, p=p: torch.zeros_like(p[k]))
@@ -304,7 +306,7 @@ class SGHMCStack(StackedStep):
             r.mul_(d)
             _axpy_(r, g, _per_chain([-x for x in h], p))
             if xi is not None:
-                _axpy_(r, xi, _per_chain(sd, p))
+                _axpy_(r, xi, _per_chain([chain[j] for chain in sd], p))
             moms.append(r)
         for p, r in zip(self.params, moms):
             _axpy_(p, r, _per_chain(h, p))
