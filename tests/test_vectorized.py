@@ -5,6 +5,7 @@ before any draw."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -630,3 +631,35 @@ def test_compiled_dense_per_example_path_is_the_sequential_chain():
     vec = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), chain_method="vectorized", vectorized_compile=True,
                          **kw)
     assert_same_draws(seq, vec)
+
+
+class _InterruptingRecord:
+    """A recorded function that raises KeyboardInterrupt at its ``after``-th call (one call per chain and draw):
+    an interrupt that does not go through loss_fn, which a compiled pass calls only while tracing."""
+
+    def __init__(self, after: float):
+        self.after, self.calls = after, 0
+
+    def __call__(self, model):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return model[-1].bias
+
+
+@pytest.mark.slow
+def test_compiled_resume_is_exact(tmp_path):
+    """Compiled chains with batches of 25 of 60 (an eager batch of 10 ends each epoch) cut at step 28 and resumed
+    from the checkpoint of step 20, whose next batch is an epoch's short one (a new compilation): bit-identical to
+    the uninterrupted compiled run, since the compiled shape is the run's batch size whichever batch a run starts
+    with."""
+    options = dict(batch_size=25, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized", vectorized_compile=True)
+    whole = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "whole",
+                           record={"b": _InterruptingRecord(math.inf)}, **options)
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "cut",
+                       record={"b": _InterruptingRecord(3 * 23)}, **options)
+    resumed = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "cut",
+                             record={"b": _InterruptingRecord(math.inf)}, **options)
+    assert_same_draws(whole, resumed, exact=True)

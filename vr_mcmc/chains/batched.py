@@ -104,7 +104,7 @@ class CompiledOnce:
         self._compiled = torch.compile(fresh, dynamic=False)
 
     def __call__(self, key: Any, *args: Any) -> Any:
-        if self.failed:
+        if self.failed or key is None:  # None: the caller's choice of eager for this call
             return self.eager(*args)
         if self.key is None:
             self.key = key
@@ -171,15 +171,17 @@ class BatchedGradients:
     ``template``: a model of the chains' architecture (its own parameter values are never used: functional_call
     replaces them with each chain's); ``names``: the trainable parameters, in order; ``loss_reduction``: how the
     loss reduces over the batch ("mean" or "sum"), to undo as the engine does; ``compile``: run each computation
-    through `torch.compile` (`CompiledOnce`).
+    through `torch.compile` (`CompiledOnce`) for batches of ``batch_size`` examples (None: the first batch's), others
+    (an epoch's last batch) eager, so that a resumed run computes each step as the uninterrupted run did.
     """
 
     def __init__(self, template: nn.Module, loss_fn: Callable, names: list[str], loss_reduction: str = "mean",
-                 compile: bool = False):
+                 compile: bool = False, batch_size: int | None = None):
         self.module = _LossModule(template, loss_fn)
         self.names = list(names)
         self.loss_reduction = loss_reduction
         self.compile = compile
+        self.batch_size = batch_size
         owners = {f"{m}.{p}" if m else p: (m, mod) for m, mod in template.named_modules()
                   for p, _ in mod.named_parameters(recurse=False)}
         linear = {m: mod for n, (m, mod) in owners.items() if n in self.names and isinstance(mod, nn.Linear)}
@@ -265,6 +267,8 @@ class BatchedGradients:
         buffers), plain dicts; ``batch``: the chains' batches stacked [C, B, ...], or with ``shared`` one batch
         [B, ...] that every chain sees (the full data of the closure samplers)."""
         key = tuple(t.shape for t in batch)
+        if not shared and self.batch_size is not None and batch[0].shape[1] != self.batch_size:
+            key = None  # not the run's batch size (an epoch's last batch): eager, whatever the run's first batch was
         if per_example and self.factored and not shared:
             return self._factored(trainable, fixed, batch, key)
         if not per_example:

@@ -137,8 +137,10 @@ class VectorizedGroup:
         compile = spec.get("vectorized_compile")
         if compile is None:  # by the run's length, not what is left of it: a resumed run computes as it began
             compile = first.total >= (COMPILE_MIN_CLOSURE_STEPS if first.closure_sampler else COMPILE_MIN_STEPS)
+        nominal = getattr(getattr(first.stream, "stream", None), "batch_size", None)  # tensor data's batch size
         self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
-                                          getattr(first.sampler, "loss_reduction", "mean"), compile=compile)
+                                          getattr(first.sampler, "loss_reduction", "mean"), compile=compile,
+                                          batch_size=nominal)
         self._check_resumed_tables()
         self.trainable, self.fixed = self._stack()
         self._check_loss_reduction(template)
