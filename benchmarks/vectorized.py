@@ -10,12 +10,12 @@ Correctness (one thread):
   chains against the reference draws, with the criteria of tests/test_refposterior_sampling.py (mean within 4
   MCSE, sd within 10%, R-hat < 1.01).
 Throughput (one torch thread; the demo's MLP 64-32-10 on the digits, N = 1347): wall time per step of C vectorized
-chains, through `vr_mcmc.sample` with a recorded function of the model per draw, for SGLD (B = 32), SAGA-LD
-(B = 32, noise_ratio_every=0) and HMC (full data, 8 leapfrog steps), relative to one vectorized chain and to one
-sequential chain, and of 16 sequential chains. A step's time is (t(S2) − t(S1)) / (S2 − S1) for runs of S1 and S2
-steps (medians of ``--repeats`` interleaved runs, after a warm-up run), so the fixed costs (building the chains,
-merging the draws) cancel. chain_method="parallel" (2 worker processes at a time on this 2-core machine) cannot be
-measured so (its process start-ups vary by seconds and swamp the difference): "runs" gives the wall time of whole
+chains, eager and compiled (``vectorized_compile=True``), through `vr_mcmc.sample` with a recorded function of the
+model per draw, for SGLD (B = 32), SAGA-LD (B = 32, noise_ratio_every=0) and HMC (full data, 8 leapfrog steps),
+relative to one chain of the same kind and to one sequential chain, and of 16 sequential chains. A step's time is
+read from the draws' own time stamps (a recorded clock), after the first fifth of each run: set-up, compilation and
+merging are left out (medians of ``--repeats`` runs, the configurations interleaved). chain_method="parallel"
+(2 worker processes at a time on this 2-core machine) has no shared clock: "runs" gives the wall time of whole
 runs of 16 chains with each chain_method, start-up included.
 """
 
@@ -77,42 +77,62 @@ def first_bias(model: torch.nn.Module) -> torch.Tensor:
 METHODS = {"SGLD": (sgld, 32), "SAGA-LD": (sagald, 32), "HMC": (hmc, 32)}
 
 
-def run_time(method: str, chains: int, chain_method: str, steps: int) -> float:
+def run_time(method: str, chains: int, chain_method: str, steps: int, compiled: bool | None = None) -> float:
     sampler_fn, batch = METHODS[method]
+    extra = {} if chain_method != "vectorized" or compiled is None else {"vectorized_compile": compiled}
     start = time.perf_counter()
     vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), batch_size=batch, num_warmup=0, num_samples=steps,
                    num_chains=chains, chain_method=chain_method, progress=False, record={"b": first_bias},
-                   checkpoint_every=100_000, seed=0)
+                   checkpoint_every=100_000, seed=0, **extra)
     return time.perf_counter() - start
 
 
-def per_step_ms(method: str, chains: int, chain_method: str, steps: tuple[int, int], repeats: int) -> float:
-    """(median t(S2) − median t(S1)) / (S2 − S1), the runs interleaved (the load on this shared machine drifts)."""
-    short, long = [], []
-    for _ in range(repeats):
-        short.append(run_time(method, chains, chain_method, steps[0]))
-        long.append(run_time(method, chains, chain_method, steps[1]))
-    return (float(np.median(long)) - float(np.median(short))) / (steps[1] - steps[0]) * 1e3
+_ORIGIN = time.perf_counter()
+
+
+def _clock(model: torch.nn.Module) -> torch.Tensor:
+    """A recorded function: the time of the draw (float64 seconds since the benchmark started)."""
+    return torch.tensor(time.perf_counter() - _ORIGIN, dtype=torch.float64)
+
+
+def step_ms(method: str, chains: int, chain_method: str, steps: int, compiled: bool = False) -> float:
+    """ms per step of one run, from the draws' own time stamps: the mean time between the draws of each chain
+    after the first fifth of the run (which holds the start-up and a compilation), summed over chains that run one
+    after another (sequential), of chain 0 for chains that step together (vectorized). Set-up, compilation and
+    the merging of the draws are left out; the rest of each step (batch streams, recording) is in."""
+    sampler_fn, batch = METHODS[method]
+    extra = {} if chain_method != "vectorized" else {"vectorized_compile": compiled}
+    idata = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), batch_size=batch, num_warmup=0, num_samples=steps,
+                           num_chains=chains, chain_method=chain_method, progress=False,
+                           record={"b": first_bias, "t": _clock}, checkpoint_every=100_000, seed=0, **extra)
+    t = np.asarray(idata.posterior["t"].values, dtype=np.float64)  # [chain, draw]
+    k0 = steps // 5
+    per_chain = (t[:, -1] - t[:, k0]) / (steps - 1 - k0)
+    return float(per_chain.sum() if chain_method == "sequential" else per_chain[0]) * 1e3
 
 
 def throughput(chain_counts: list[int], quick: bool, repeats: int) -> dict:
+    """Per method: ms per step of each configuration (median of ``repeats``; the configurations interleaved in each
+    repeat, so that a drift of the load on this shared machine reaches them alike)."""
     out: dict = {}
     for method in METHODS:
-        # steps per run, scaled so that a run takes a few seconds on this machine
-        base = {"SGLD": (20, 220), "SAGA-LD": (10, 90), "HMC": (2, 12)}[method]
+        steps = {"SGLD": 400, "SAGA-LD": 200, "HMC": 16}[method]  # a run of a few seconds here
         if quick:
-            base = (base[0] // 2, base[1] // 2)
+            steps //= 2
+        configs = [(f"vectorized {c}", c, "vectorized", False) for c in chain_counts]
+        configs += [(f"compiled {c}", c, "vectorized", True) for c in chain_counts]
+        configs += [("sequential 1", 1, "sequential", False), ("sequential 16", 16, "sequential", False)]
         for how in ("sequential", "vectorized"):  # first calls pay one-time costs (imports, torch.func set-up)
             run_time(method, 2, how, 2)
-        res: dict = {}
-        for c in chain_counts:
-            steps = base if c <= 16 else (max(2, base[0] // 2), max(4, base[1] // 2))
-            res[f"vectorized {c}"] = per_step_ms(method, c, "vectorized", steps, repeats)
-            print(f"{method:8s} vectorized {c:3d} chains: {res[f'vectorized {c}']:9.2f} ms/step", flush=True)
-        for label, c, how in (("sequential 1", 1, "sequential"), ("sequential 16", 16, "sequential")):
-            steps = base if c == 1 else (max(2, base[0] // 2), max(4, base[1] // 2))
-            res[label] = per_step_ms(method, c, how, steps, repeats)
-            print(f"{method:8s} {label:17s}: {res[label]:9.2f} ms/step", flush=True)
+        times: dict = {label: [] for label, *_ in configs}
+        for _ in range(repeats):
+            for label, c, how, compiled in configs:
+                n = steps if c <= 16 or method != "HMC" else max(6, steps // 2)
+                times[label].append(step_ms(method, c, how, n, compiled))
+        res = {label: float(np.median(v)) for label, v in times.items()}
+        for label, v in res.items():
+            print(f"{method:8s} {label:15s}: {v:9.2f} ms/step  (runs: {', '.join(f'{x:.2f}' for x in times[label])})",
+                  flush=True)
         out[method] = res
     return out
 
@@ -250,10 +270,13 @@ def main() -> None:
     if args.part in ("throughput", "all"):
         res = throughput(args.chains, args.quick, args.repeats)
         results["throughput_ms_per_step"] = res
-        print("\nper step, relative to one vectorized chain (and to one sequential chain):")
+        print("\nper step, relative to one chain of the same kind (and to one sequential chain):")
         for method, r in res.items():
-            one, seq = r["vectorized 1"], r["sequential 1"]
-            cells = [f"{k}: {v / one:.2f}x ({v / seq:.2f}x)" for k, v in r.items()]
+            seq = r["sequential 1"]
+            cells = []
+            for k, v in r.items():
+                one = r.get(f"{k.split()[0]} 1", seq)
+                cells.append(f"{k}: {v / one:.2f}x ({v / seq:.2f}x)")
             print(f"  {method}: " + "; ".join(cells))
     if args.part in ("runs", "all"):
         results["whole_runs_s"] = whole_runs()

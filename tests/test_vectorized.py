@@ -5,6 +5,7 @@ before any draw."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -154,7 +155,7 @@ class _Interrupting:
 # also resumed by the slow selection
 @pytest.mark.parametrize(("sampler_fn", "after"), [
     pytest.param(sgld, 32, id="sgld"), pytest.param(sagald_stacked, 32, id="sagald_stacked"),
-    pytest.param(sagald, 32, id="sagald", marks=pytest.mark.slow),
+    pytest.param(sagald, 32, id="sagald", marks=pytest.mark.slow), pytest.param(svrgld, 60, id="svrgld"),
     pytest.param("hmc", 150, id="hmc", marks=pytest.mark.slow)])
 def test_vectorized_resume_is_exact(tmp_path, sampler_fn, after):
     """Interrupted after ``after`` batched evaluations (a step of SGLD is one, of HMC ~5; checkpoints every 10
@@ -286,19 +287,20 @@ def test_vectorized_closure_sampler_is_the_sequential_chain(sampler_fn):
 
 
 @pytest.mark.slow
-def test_resume_with_chains_at_different_steps(tmp_path):
+@pytest.mark.parametrize("sampler_fn", [sgld, sghmc], ids=lambda f: f.__name__)
+def test_resume_with_chains_at_different_steps(tmp_path, sampler_fn):
     """A checkpoint where one chain is behind the others (here: its files deleted, so it starts again): the chains
-    that are behind step alone until they catch up, then all step together; the result equals an uninterrupted
-    run's."""
+    that are behind step alone (their samplers' own steps) until they catch up, then all step together (stacked,
+    SGHMC's momenta re-stacked); the result equals an uninterrupted run's, bit for bit, stats included."""
     options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
                    checkpoint_every=10, chain_method="vectorized")
-    whole = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    whole = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        vr_mcmc.sample(model_fn, sgld, _Interrupting(32), (X, Y), checkpoint=cut, **options)
+        vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(32), (X, Y), checkpoint=cut, **options)
     for path in cut.glob("*chain_1.*"):
         path.unlink()
-    resumed = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=cut, **options)
+    resumed = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=cut, **options)
     assert_same_draws(whole, resumed, exact=True)
 
 
@@ -397,4 +399,267 @@ def test_a_factored_table_from_a_sequential_run_is_refused_for_a_dense_vectorize
     with pytest.raises(VectorizeError, match=r"stored factored .* resume this run with chain_method='sequential'"):
         vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=cut, chain_method="vectorized", **options)
     resumed = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), checkpoint=cut, **options)
+    assert_same_draws(whole, resumed, exact=True)
+
+
+# -- stacked steps of every SG diffusion (torch_sample.vectorized) -------------------------------------------------
+
+
+def sghmc_saga(m):  # SAGA's estimate in SGHMC's diffusion: the stacked tables feed the stacked momentum update
+    sampler = torch_sample.SGHMC(m.parameters(), lr=1e-3, num_data=N, friction=0.2, prior=PRIOR,
+                                 estimator=vr_mcmc.estimators.SAGA(), engine=vr_mcmc.PerExampleGradients(m))
+    sampler.noise_ratio_every = 0
+    return sampler
+
+
+def _counting_stacked_steps(monkeypatch) -> list[bool]:
+    """Records what each stacked step returned (a spy that calls the real step)."""
+    from torch_sample.vectorized import StackedStep
+
+    made: list[bool] = []
+    real = StackedStep.step
+
+    def spy(self, *args, **kw):
+        made.append(real(self, *args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(StackedStep, "step", spy)
+    return made
+
+
+def sagald_every_3rd(m):  # the noise diagnostic on some steps only (NaN between)
+    sampler = sagald(m)
+    sampler.noise_ratio_every = 3
+    return sampler
+
+
+def sgld_momentum(m):  # torch.optim.SGD's heavy ball with noise (SGLD's SGHMC form)
+    return torch_sample.SGLD(m.parameters(), lr=1e-3, num_data=N, momentum=0.9, prior=PRIOR)
+
+
+def csgld(m):  # a schedule: step size and temperature per step (45 = num_warmup + num_samples of run)
+    return torch_sample.SGLD(m.parameters(), lr=1e-3, num_data=N, prior=PRIOR,
+                             schedule=torch_sample.schedules.Cyclical(2, 45, exploration=0.5))
+
+
+def csghmc(m):
+    return torch_sample.SGHMC(m.parameters(), lr=1e-3, num_data=N, friction=0.2, prior=PRIOR,
+                              schedule=torch_sample.schedules.Cyclical(3, 45, exploration=0.3))
+
+
+def sghmc_auto(m):  # β from each chain's own noise diagnostic (per-example gradients of the batched pass)
+    return torch_sample.SGHMC(m.parameters(), lr=1e-3, num_data=N, friction=0.2, beta="auto", prior=PRIOR,
+                              engine=vr_mcmc.PerExampleGradients(m))
+
+
+@pytest.mark.parametrize("sampler_fn", [sgld, sghmc, psgld, sgnht, sagald_stacked, sghmc_saga, sgld_diagnosed,
+                                        sagald, sagald_every_3rd, sgld_momentum, csgld, csghmc, sghmc_auto],
+                         ids=lambda f: f.__name__)
+def test_stacked_diffusions_are_the_sequential_chains(monkeypatch, sampler_fn):
+    """Every SG diffusion with a minibatch or SAGA estimate steps all chains at once (each step after the first,
+    which allocates the states and tables, is stacked) and still gives the sequential chains: draws and their own
+    stats (kinetic energy, thermostat, preconditioner, and noise_ratio from the stacked per-example gradients and
+    tables) within ATOL / rtol 1e-5."""
+    seq = run(sampler_fn, "sequential")
+    made = _counting_stacked_steps(monkeypatch)
+    vec = run(sampler_fn, "vectorized")
+    assert_same_draws(seq, vec)
+    assert len(made) >= 44 and all(made)  # 45 steps, the first per chain for SAGA's table allocation
+    ratio = vec.sample_stats["noise_ratio"].values
+    if sampler_fn in (sgld_diagnosed, sagald):
+        assert np.isfinite(ratio[:, 1:]).all()
+    elif sampler_fn is sagald_every_3rd:  # step s (from 0; draw s − 5 after 5 warmup steps) measures if s % 3 == 0
+        assert np.isfinite(ratio[:, 1::3]).all() and np.isnan(ratio[:, 2::3]).all()
+
+
+def _varying(make):
+    """A sampler_fn whose chains get different options (chain c the c-th of a cycle): the stacked step's
+    per-chain coefficients ([C, 1, ...] tensors) instead of one scalar."""
+    options = itertools.cycle([dict(lr=1e-3), dict(lr=2e-3), dict(lr=5e-4)])
+    return lambda m: make(m, **next(options))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, lr: torch_sample.SGLD(m.parameters(), lr=lr, num_data=N, prior=PRIOR),
+    lambda m, lr: torch_sample.SGHMC(m.parameters(), lr=lr, num_data=N, friction=100 * lr, beta=20 * lr,
+                                     prior=PRIOR),
+    lambda m, lr: torch_sample.PSGLD(m.parameters(), lr=lr, num_data=N, alpha=1 - 10 * lr, eps=lr, prior=PRIOR),
+    lambda m, lr: torch_sample.SGNHT(m.parameters(), lr=lr, num_data=N, friction=500 * lr, prior=PRIOR),
+], ids=["sgld", "sghmc", "psgld", "sgnht"])
+def test_stacked_step_with_per_chain_options(monkeypatch, make):
+    """Chains with their own step size (and friction, beta, alpha, eps): each its sequential chain."""
+    seq = run(_varying(make), "sequential")
+    made = _counting_stacked_steps(monkeypatch)
+    vec = run(_varying(make), "vectorized")
+    assert_same_draws(seq, vec)
+    assert made and all(made)
+    sizes = vec.sample_stats["step_size"].values[:, -1]
+    assert len(set(sizes.tolist())) == 3
+
+
+def test_frozen_preconditioner_and_resumed_states_are_per_chain(tmp_path):
+    """pSGLD frozen after warmup (the stacked step keeps V) and cut by an interrupt: the resumed run (states
+    re-stacked from the chains' checkpoints) is bit-identical to an uninterrupted one; each checkpoint holds its
+    chain's own momentum-like state, not the stacked tensor."""
+    def frozen(m):
+        # eps well above the smallest |∇Ũ| of the first step, which V keeps for good: with 1e-5 a coordinate's
+        # G of up to 1e5 magnifies the batched sums' float32 rounding past ATOL (measured 3e-5)
+        sampler = torch_sample.PSGLD(m.parameters(), lr=1e-3, num_data=N, eps=0.1, prior=PRIOR)
+        sampler.preconditioner_frozen = True  # from the first stored V on
+        return sampler
+
+    options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized")
+    whole = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, frozen, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
+    resumed = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
+    assert_same_draws(whole, resumed, exact=True)
+    seq = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), **{**options, "chain_method": "sequential",
+                                                              "checkpoint_every": 100})
+    assert_same_draws(seq, whole)
+    saved = [torch.load(p, weights_only=False) for p in sorted((tmp_path / "whole").rglob("*.pt"))]
+    states = [s["sampler"]["state"] for s in saved if isinstance(s, dict) and "sampler" in s]
+    assert states
+    for state in states:
+        for entry in state.values():
+            v = entry["square_avg"]
+            assert v.untyped_storage().nbytes() == v.numel() * v.element_size()  # its own slice only
+
+
+@pytest.mark.parametrize("sampler_fn", [sghmc, pytest.param(sgnht, marks=pytest.mark.slow)],
+                         ids=lambda f: getattr(f, "__name__", "sgnht"))
+def test_stacked_momentum_resume_is_exact(tmp_path, sampler_fn):
+    """SGHMC / SGNHT (stacked momentum and thermostats) interrupted and resumed: bit-identical."""
+    options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized")
+    whole = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
+    resumed = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
+    assert_same_draws(whole, resumed, exact=True)
+
+
+# -- torch.compile of the batched computations ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler_fn", [sgld, sagald_stacked], ids=lambda f: f.__name__)
+def test_compiled_vectorized_chains_are_the_sequential_chains(sampler_fn):
+    """vectorized_compile=True (one compilation per group, ~3-8 s here): the sequential chains within ATOL. Batches
+    of 25 out of 60: every epoch ends with a batch of 10, which runs eager (no second compilation)."""
+    seq = run(sampler_fn, "sequential", batch_size=25)
+    vec = run(sampler_fn, "vectorized", batch_size=25, vectorized_compile=True)
+    assert_same_draws(seq, vec)
+
+
+def test_a_failing_compilation_warns_once_and_runs_eager(monkeypatch):
+    """A compiler that cannot build (here: inductor's C++ compiler is not there, its caches off): one warning,
+    and the eager computation's draws."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    eager = run(sgld, "vectorized", vectorized_compile=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the batched gradient failed") as record:
+        broken = run(sgld, "vectorized", vectorized_compile=True)
+    assert len([w for w in record if "torch.compile" in str(w.message)]) == 1
+    assert_same_draws(eager, broken, exact=True)
+
+
+def test_vectorized_compile_is_checked():
+    with pytest.raises(TypeError, match="vectorized_compile must be True, False or None"):
+        run(sgld, "vectorized", vectorized_compile="yes")
+    with pytest.raises(ValueError, match="option of chain_method='vectorized'"):
+        run(sgld, "sequential", vectorized_compile=True)
+
+
+class _CountingLoss:
+    """loss_fn that counts its calls (a batched evaluation of all chains calls it once)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        return loss_fn(model, batch)
+
+
+def svrgld_diagnosed(m):  # noise_ratio from the per-example gradients at θ and at the centre
+    loader, fn = _loader(m)
+    return torch_sample.SVRGLD(m.parameters(), lr=1e-3, num_data=N, snapshot_every=7, loader=loader, loss_fn=fn,
+                               prior=PRIOR, engine=vr_mcmc.PerExampleGradients(m))
+
+
+def sgldcv_diagnosed(m):
+    loader, fn = _loader(m)
+    return torch_sample.SGLDCV(m.parameters(), lr=1e-3, num_data=N, loader=loader, loss_fn=fn, prior=PRIOR,
+                               engine=vr_mcmc.PerExampleGradients(m))
+
+
+@pytest.mark.parametrize("sampler_fn", [svrgld_diagnosed, sgldcv_diagnosed], ids=lambda f: f.__name__)
+def test_closure_estimators_evaluate_all_chains_at_once(sampler_fn):
+    """SVRG-LD / SGLD-CV: each chain's step runs in its thread and its two closures a step (at θ and at the
+    centre) are evaluated with the other chains' in one batched computation: ~2 calls of loss_fn a step for the
+    3 chains, not 2 per chain (their full-gradient passes use the sampler's own loss_fn); the draws, noise_ratio
+    included (per-example gradients from the batched pass), are the sequential chains'."""
+    seq = run(sampler_fn, "sequential")
+    counting = _CountingLoss()
+    vec = vr_mcmc.sample(model_fn, sampler_fn, counting, (X, Y), chain_method="vectorized", batch_size=10,
+                         num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False)
+    assert_same_draws(seq, vec)
+    assert counting.calls <= 2 * 45 + 2
+    assert np.isfinite(vec.sample_stats["noise_ratio"].values[:, 1:]).mean() > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler_fn", [hmc, nuts], ids=lambda f: f.__name__)
+def test_compiled_closure_samplers_are_the_sequential_chains(sampler_fn):
+    """Compiled full-data evaluations (float64): HMC / NUTS chains within 1e-8 of the sequential ones."""
+    options = dict(batch_size=10, num_warmup=10, num_samples=15, num_chains=3, seed=1, progress=False)
+    data = (X.double(), Y)
+    seq = vr_mcmc.sample(model_fn64, sampler_fn, loss_fn, data, chain_method="sequential", **options)
+    vec = vr_mcmc.sample(model_fn64, sampler_fn, loss_fn, data, chain_method="vectorized", vectorized_compile=True,
+                         **options)
+    assert_same_draws(seq, vec, atol=1e-8, stats_tol=1e-8)
+
+
+@pytest.mark.slow
+def test_compiled_dense_per_example_path_is_the_sequential_chain():
+    """SAGA-LD on a model with a LayerNorm (dense per-example gradients, vmap of vmap) compiled."""
+    kw = dict(batch_size=10, num_warmup=0, num_samples=25, num_chains=2, seed=6, progress=False)
+    seq = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), chain_method="sequential", **kw)
+    vec = vr_mcmc.sample(_layernorm_net, sagald, loss_fn, (X, Y), chain_method="vectorized", vectorized_compile=True,
+                         **kw)
+    assert_same_draws(seq, vec)
+
+
+class _InterruptingRecord:
+    """A recorded function that raises KeyboardInterrupt at its ``after``-th call (one call per chain and draw):
+    an interrupt that does not go through loss_fn, which a compiled pass calls only while tracing."""
+
+    def __init__(self, after: float):
+        self.after, self.calls = after, 0
+
+    def __call__(self, model):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return model[-1].bias
+
+
+@pytest.mark.slow
+def test_compiled_resume_is_exact(tmp_path):
+    """Compiled chains with batches of 25 of 60 (an eager batch of 10 ends each epoch) cut at step 28 and resumed
+    from the checkpoint of step 20, whose next batch is an epoch's short one (a new compilation): bit-identical to
+    the uninterrupted compiled run, since the compiled shape is the run's batch size whichever batch a run starts
+    with."""
+    options = dict(batch_size=25, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
+                   checkpoint_every=10, chain_method="vectorized", vectorized_compile=True)
+    whole = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "whole",
+                           record={"b": _InterruptingRecord(math.inf)}, **options)
+    with pytest.raises(KeyboardInterrupt):
+        vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "cut",
+                       record={"b": _InterruptingRecord(3 * 23)}, **options)
+    resumed = vr_mcmc.sample(model_fn, sgld, loss_fn, (X, Y), checkpoint=tmp_path / "cut",
+                             record={"b": _InterruptingRecord(math.inf)}, **options)
     assert_same_draws(whole, resumed, exact=True)

@@ -223,9 +223,7 @@ class LangevinSampler(Optimizer):
         if not self._loss_checked and loss is not None:
             self._loss_checked = True
             self._check_loss_reduction(loss)
-        every = self.noise_ratio_every
-        self.estimator.diagnose = bool(every) and self._steps % every == 0
-        self._steps += 1
+        self._count_step()
         info = self.estimator.estimate(idx, closure)
         noise_var = info.pop("noise_var", None)
         if noise_var is not None:
@@ -255,20 +253,13 @@ class LangevinSampler(Optimizer):
                                                self._effective(group, phase)).items():
                     own_stats[key] = value if math.isnan(own_stats.get(key, math.nan)) else own_stats[key] + value
         evals = info.pop("grad_evals", None)
-        first = self._effective(self.param_groups[0], phase)
-        self.stats = {"step_size": float(first["lr"]),
-                      "grad_evals": float("nan") if evals is None else float(evals),
-                      "noise_ratio": self._noise_ratio(noise_var, phase)}
-        if phase is not None:
-            self.stats["temperature"] = float(first["temperature"])
-            self.stats["sampling_phase"] = float(phase[2])
-        self.stats.update(own_stats)
+        lp = None
         if loss is not None:
             b = None if idx is None else idx.numel()
             nll = float(loss) * (self.num_data if self.loss_reduction == "mean" else self.num_data / (b or math.nan))
-            self.stats["lp"] = -(nll + neg_log_prior)
-        self.stats.update({k: float(v) for k, v in info.items()})
-        self.stats["diverging"] = diverging
+            lp = -(nll + neg_log_prior)
+        self._set_stats(self._effective(self.param_groups[0], phase), phase, evals,
+                        self._noise_ratio(noise_var, phase), own_stats, lp, info, diverging)
         if diverging:
             self._diverged(loss)
         return loss
@@ -297,13 +288,40 @@ class LangevinSampler(Optimizer):
         total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
         if loss is not None:
             total = total + torch.as_tensor(loss, dtype=total.dtype, device=total.device).detach().reshape(()) * 0
-        norm = float(total)  # the one synchronization
+        return self._finite_norm(float(total))  # the one synchronization
+
+    # -- the per-step bookkeeping (shared with torch_sample.vectorized's stacked steps) ------------------------
+
+    def _count_step(self) -> None:
+        """Counts the step about to be made; tells the estimator whether to measure its noise this step."""
+        every = self.noise_ratio_every
+        self.estimator.diagnose = bool(every) and self._steps % every == 0
+        self._steps += 1
+
+    def _finite_norm(self, norm: float) -> bool:
+        """The divergence check's verdict on ``norm`` (Σ_p ‖∇Ũ_p‖ + 0·loss), and its bookkeeping when finite."""
         if math.isfinite(norm):
             self._divergences = 0
             self._grad_norm_first = norm if self._grad_norm_first is None else self._grad_norm_first
             self._grad_norm_last = norm
             return True
         return False
+
+    def _set_stats(self, first: dict[str, Any], phase: tuple[float, float, bool] | None, evals: Any,
+                   noise_ratio: float, own_stats: dict[str, float], lp: float | None, info: dict[str, Any],
+                   diverging: bool) -> None:
+        """``stats`` of the step just made: ``first`` is the first param group's effective options."""
+        self.stats = {"step_size": float(first["lr"]),
+                      "grad_evals": float("nan") if evals is None else float(evals),
+                      "noise_ratio": noise_ratio}
+        if phase is not None:
+            self.stats["temperature"] = float(first["temperature"])
+            self.stats["sampling_phase"] = float(phase[2])
+        self.stats.update(own_stats)
+        if lp is not None:
+            self.stats["lp"] = lp
+        self.stats.update({k: float(v) for k, v in info.items()})
+        self.stats["diverging"] = diverging
 
     def _diverged(self, loss: Any) -> None:
         self._divergences += 1

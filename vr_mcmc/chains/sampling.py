@@ -62,6 +62,7 @@ def sample(
     save_warmup: bool = False,
     num_threads: int | None = None,
     max_vectorized: int | None = None,
+    vectorized_compile: bool | None = None,
     keep_params: int | None = None,
     data_parallel: bool = False,
     process_group: Any = None,
@@ -87,15 +88,19 @@ def sample(
     `vr_mcmc.chains.vectorized`): the chains' parameters stacked with a leading chain dimension, ``loss_fn`` under
     ``torch.vmap`` of ``torch.func.functional_call``, per-example gradients for SAGA-LD's table from the same
     batched pass; every sampler (the SG family, SAGA-LD/SVRG-LD/SGLD-CV, ULA/MALA/HMC/NUTS with per-chain adaptation
-    and trees). Plain SGLD, and SAGA-LD with ``noise_ratio_every=0``, update all chains (and SAGA's tables, stacked)
-    in one step; the other samplers step per chain on the batched gradients (SVRG-LD/SGLD-CV are not batched: their
-    closures, at θ and at the centre, run on each chain's own model). Chain c is sequential chain c with the same
+    and trees). SGLD, SAGA-LD, SGHMC, pSGLD and SGNHT (minibatch or SAGA estimates, noise diagnostic included)
+    update all chains (and SAGA's tables, stacked) in one step; SVRG-LD/SGLD-CV and the closure samplers step per
+    chain, their closures evaluated for all chains at once. Chain c is sequential chain c with the same
     seed (same init, batches and noise) up to float rounding of the batched sums, with the same output and
     checkpoint files (a sequential checkpoint resumes vectorized; not for SAGA-LD on a model with parameters outside
     Linear layers, whose table rows the vectorized pass computes dense where the engine stores factors). The model
     and loss must be vmappable (no data-dependent Python control flow, no in-place update of a tensor that is not a
     buffer, no random operations such as dropout in training mode): otherwise a `VectorizeError` before any draw
     names the cause. ``max_vectorized=k``: at most k chains per batched computation (groups run one after another).
+    ``vectorized_compile``: run the batched computations through ``torch.compile`` (compiled once per group, for
+    the run's batch size; a failing compilation warns and runs eager); None (default) compiles for runs of at least
+    5000 steps per chain (500 for ULA/MALA/HMC/NUTS, whose steps make full-data evaluations), where the
+    compilation's seconds are repaid (`vr_mcmc.chains.vectorized.COMPILE_MIN_STEPS`; benchmarks/RESULTS.md).
     ``num_threads``: torch intra-op threads while the chains run (the caller's setting is restored after);
     None chooses: one for models under `SMALL_MODEL` (1M) parameters, where a second thread only slows a
     step down (5–8× measured on a busy 2-core machine), torch's setting otherwise; one per worker with
@@ -134,6 +139,12 @@ def sample(
         if chain_method != "vectorized":
             raise ValueError(f"max_vectorized={max_vectorized} caps the chains of chain_method='vectorized'; "
                              f"this run's chain_method is {chain_method!r}")
+    if vectorized_compile is not None:
+        if not isinstance(vectorized_compile, bool):
+            raise TypeError(f"vectorized_compile must be True, False or None, got {vectorized_compile!r}")
+        if chain_method != "vectorized":
+            raise ValueError(f"vectorized_compile={vectorized_compile} is an option of chain_method='vectorized'; "
+                             f"this run's chain_method is {chain_method!r}")
     if chain_method == "vectorized" and (process_group is not None or data_parallel):
         raise ValueError("chain_method='vectorized' runs on one process: it does not combine with process_group= or "
                          "data_parallel=True (torch.distributed); use chain_method='sequential' across ranks")
@@ -155,7 +166,8 @@ def sample(
                 log_likelihood=log_likelihood, seed=seed, save_warmup=save_warmup, directory=None,
                 checkpoint_every=checkpoint_every, progress=progress, persistent=persistent,
                 parallel=chain_method == "parallel", threads=num_threads,
-                keep_params=keep_params, vectorized=chain_method == "vectorized", max_vectorized=max_vectorized)
+                keep_params=keep_params, vectorized=chain_method == "vectorized", max_vectorized=max_vectorized,
+                vectorized_compile=vectorized_compile)
     from ..distributed.group import resolve
 
     comm = resolve(process_group, bool(data_parallel))

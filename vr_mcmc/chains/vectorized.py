@@ -7,11 +7,15 @@ into stacked tensors with a leading chain dimension, each chain's ``nn.Parameter
 its slice, so the batched forward reads them without a copy and each sampler's in-place update writes into them. Per
 step: every chain draws its own batch from its own stream, one vmapped computation gives every chain's loss, batch
 gradient (written into that chain's ``.grad``) and, for estimators that use them (SAGA's table, the ``noise_ratio``
-diagnostic), its per-example gradients, served to its estimator by an `_EngineView`; then each chain's sampler steps
-with the torch RNG state that chain would have in a sequential run (swapped in and out), so chain c draws the same
-noise as sequential chain c. SVRG-LD / SGLD-CV evaluate their closure at θ and again at the centre (and their
-full-gradient passes) on the chain's own model: those chains run as sequential ones, in turn. With
-``max_vectorized=k`` groups of at most k chains run one after another.
+diagnostic), its per-example gradients, stacked; then SGLD, SAGA-LD, SGHMC, pSGLD and SGNHT chains with a minibatch
+or SAGA estimate update all chains in one stacked step (`torch_sample.vectorized`, SAGA's tables stacked by
+`vr_mcmc.estimators.stacked_saga`), each chain drawing its noise from the torch RNG state that chain would have in
+a sequential run (swapped in and out), so chain c draws the same noise as sequential chain c; other SG chains step
+per chain on their slices of the batched results, served to their estimators by an `_EngineView`. Samplers with
+closures (ULA, MALA, HMC, NUTS on the full data; SVRG-LD / SGLD-CV at θ and at the centre, on each chain's batch)
+run each chain's own ``step`` in a thread of its own (`lockstep`), every closure call evaluated with the other
+chains' in one batched computation. ``vectorized_compile`` runs the batched computations through torch.compile
+(`batched.CompiledOnce`). With ``max_vectorized=k`` groups of at most k chains run one after another.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any
 
 import torch
 
-from torch_sample.vectorized import fits as langevin_fits
-from torch_sample.vectorized import langevin_step
+from torch_sample.vectorized import STACKS
+from torch_sample.vectorized import fits as stack_fits
 
+from ..estimators.stacked_noise import minibatch_variance
 from ..estimators.stacked_saga import StackedSAGA
 from ..estimators.stacked_saga import fits as saga_fits
 from .batched import BatchedGradients, VectorizeError
@@ -33,7 +38,14 @@ from .lockstep import ChainThread
 from .runner import ChainRunner, _postfix, _progress
 from .stream import TensorBatches
 
-__all__ = ["VectorizeError", "check_vectorizable", "run_vectorized"]
+__all__ = ["COMPILE_MIN_CLOSURE_STEPS", "COMPILE_MIN_STEPS", "VectorizeError", "check_vectorizable", "run_vectorized"]
+
+# Runs of at least this many steps per chain compile their batched computations by default (benchmarks/RESULTS.md,
+# "Vectorized chains"; demo MLP, one thread): a compilation costs 0.2-0.8 s with inductor's on-disk cache warm and
+# 4-7 s cold (the first of a process, or a new graph); it saves ~0.5 ms a step of an SG sampler (16 chains: 2.8 ->
+# 2.2 ms for SGLD) and 2-8 ms a full-data evaluation (16 chains: 14.5 -> 6.8 ms), of which HMC makes ~8 a step.
+COMPILE_MIN_STEPS = 5000
+COMPILE_MIN_CLOSURE_STEPS = 500  # ULA/MALA/HMC/NUTS: one or more full-data evaluations a step
 
 SEQUENTIAL = 'run these chains with chain_method="sequential" (or "parallel")'
 
@@ -62,11 +74,27 @@ class _EngineView:
 
 
 class _VectorChainRunner(ChainRunner):
-    """A chain of a vectorized group: its checkpoint clones the model's tensors (views of the stacked parameters,
-    which torch.save would otherwise write whole)."""
+    """A chain of a vectorized group: its checkpoint clones the model's tensors and its sampler's state tensors
+    (views of the stacked parameters and states, which torch.save would otherwise write whole)."""
+
+    def __init__(self, spec: dict[str, Any], chain: int):
+        super().__init__(spec, chain)
+        state_dict = self.sampler.state_dict
+        self.sampler.state_dict = lambda: _own_tensors(state_dict())  # this chain's object only
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+def _own_tensors(obj: Any) -> Any:
+    """``obj`` (a state dict) with every tensor that is a view of a larger one cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj._base is not None else obj
+    if isinstance(obj, dict):
+        return {k: _own_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_own_tensors(v) for v in obj)
+    return obj
 
 
 def check_vectorizable(sampler: Any) -> None:
@@ -102,28 +130,43 @@ class VectorizedGroup:
             self.rng.append(torch.get_rng_state())
         first = self.runners[0]
         self.names = [n for n, p in first.model.named_parameters() if p.requires_grad]
+        # each chain's trainable parameters in that order (its .grad is set from the batched results)
+        self.chain_params = [[dict(r.model.named_parameters())[n] for n in self.names] for r in self.runners]
         with torch.random.fork_rng(devices=[]):
             template = spec["model_fn"]()  # a clean copy (no engine hooks) whose parameters functional_call swaps
+        compile = spec.get("vectorized_compile")
+        if compile is None:  # by the run's length, not what is left of it: a resumed run computes as it began
+            compile = first.total >= (COMPILE_MIN_CLOSURE_STEPS if first.closure_sampler else COMPILE_MIN_STEPS)
+        nominal = getattr(getattr(first.stream, "stream", None), "batch_size", None)  # tensor data's batch size
         self.gradients = BatchedGradients(template, spec["loss_fn"], self.names,
-                                          getattr(first.sampler, "loss_reduction", "mean"))
+                                          getattr(first.sampler, "loss_reduction", "mean"), compile=compile,
+                                          batch_size=nominal)
         self._check_resumed_tables()
         self.trainable, self.fixed = self._stack()
         self._check_loss_reduction(template)
-        self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         self.closure_sampler = first.closure_sampler
+        # SVRG-LD / SGLD-CV (closures at θ and at the centre): each chain's own step in its thread, its closures
+        # evaluated in lockstep with the others' (as the closure samplers'), on its own batch
+        self.lockstep_sg = not self.closure_sampler and all(
+            getattr(getattr(r.sampler, "estimator", None), "needs_closure", False) for r in self.runners)
+        self.views: list[_EngineView | None] = [self._attach_view(r) for r in self.runners]
         data = spec["data"]
         self.tensor_data = isinstance(first.stream, TensorBatches) and (isinstance(data, torch.Tensor) or (
             isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)))
-        # plain SGLD chains: one stacked update (torch_sample.vectorized) instead of C sampler steps
-        kinds = {langevin_fits(r.sampler) for r in self.runners}
-        self.fast = kinds.pop() if len(kinds) == 1 else None
+        # SG diffusions with a minibatch or SAGA estimate: one stacked update (torch_sample.vectorized) instead of
+        # C sampler steps
+        kinds = {(type(r.sampler), stack_fits(r.sampler)) for r in self.runners}
+        kind = kinds.pop() if len(kinds) == 1 else (None, None)
+        self.fast = kind[1]
         self.stacked_saga: StackedSAGA | None = None
         if self.fast:
             index = {id(p): n for n, p in first.model.named_parameters()}
             self.order = [index[id(p)] for p in first.sampler.param_groups[0]["params"]]
+            self.stack = STACKS[kind[0]]([r.sampler for r in self.runners], [self.trainable[n] for n in self.order])
         self.threads: list[ChainThread] = []
         if self.closure_sampler:  # every chain's closure sees all the data: one batch, shared by the chains
             self.full_batch = first.stream.full_batch()
+        if self.closure_sampler or self.lockstep_sg:
             self.threads = [ChainThread(f"vr_mcmc chain {c}") for c in chains]
 
     def _check_resumed_tables(self) -> None:
@@ -182,7 +225,7 @@ class VectorizedGroup:
         """Gives the chain's estimator per-example gradients from the batched computation, where it uses them."""
         estimator = getattr(runner.sampler, "estimator", None)
         engine = getattr(estimator, "engine", None)
-        if engine is None or estimator.needs_closure:  # closure estimators keep their engine: their model runs
+        if engine is None or (estimator.needs_closure and not self.lockstep_sg):  # their own model runs: keep it
             return None
         view = _EngineView(engine.parameter_names, runner.sampler.loss_reduction)
         estimator.engine = view
@@ -227,8 +270,10 @@ class VectorizedGroup:
             raise VectorizeError(_why(exc)) from exc
 
     def _fast_ready(self) -> bool:
-        """SGLD: always; SAGA-LD: once every table is allocated (at its first update, made by the chains' own
-        steps) and stacked, and the tables are at the same update count."""
+        """Minibatch estimates: when the diffusion's states agree; SAGA: also once every table is allocated (at its
+        first update, made by the chains' own steps) and stacked, and the tables are at the same update count."""
+        if not self.stack.ready():
+            return False
         if self.fast != "saga":
             return True
         if self.stacked_saga is None:
@@ -243,20 +288,28 @@ class VectorizedGroup:
             self._advance_closure(active)
             return
         indices, batch = self._batches(active)
+        if self.lockstep_sg:
+            return self._advance_closure(active, batch, indices)
         closures = [getattr(self.runners[k].sampler.estimator, "needs_closure", False) for k in active]
-        if all(closures):  # SVRG-LD / SGLD-CV: each chain evaluates its own closure (below); nothing to batch
+        if all(closures):  # SVRG-LD / SGLD-CV among other chains: each evaluates its own closure (below)
             return self._step_each(active, indices, batch, None, None, None)
         loss, grads, reps = self._compute(batch, self._per_example(active))
         if self.fast and len(active) == len(self.runners) and self._fast_ready():
             samplers = [r.sampler for r in self.runners]
-            commit = None
+            commit, noise_var = None, None
+            diagnose = reps is not None and any(self.stack.diagnosed())
             if self.fast == "saga":
-                v = self.stacked_saga.estimate(torch.stack(indices), grads, reps)
+                v = self.stacked_saga.estimate(torch.stack(indices), grads, reps, diagnose)
                 est, commit = [v[n] for n in self.order], self.stacked_saga.commit
+                if diagnose:  # its columns in the samplers' parameter order
+                    where = {n: j for j, n in enumerate(self.stacked_saga.names)}
+                    noise_var = self.stacked_saga.noise_var[:, [where[n] for n in self.order]]
             else:
                 est = [grads[n].mul(samplers[0].num_data) for n in self.order]  # Minibatch: N·∇(batch mean)
-            made = langevin_step(samplers, [self.trainable[n] for n in self.order], est, loss.detach(),
-                                 int(indices[0].numel()), self.rng, commit)
+                if diagnose:
+                    noise_var = minibatch_variance(reps, self.order, grads, int(indices[0].numel()),
+                                                   samplers[0].num_data)
+            made = self.stack.step(est, loss.detach(), int(indices[0].numel()), self.rng, commit, noise_var)
             if made:
                 for r in self.runners:
                     r.grad_evals += float(r.sampler.stats["grad_evals"])
@@ -269,12 +322,11 @@ class VectorizedGroup:
         for k in active:
             runner = self.runners[k]
             if grads is not None:
-                named = dict(runner.model.named_parameters())
-                for n in self.names:
-                    named[n].grad = grads[n][k]
+                for n, p in zip(self.names, self.chain_params[k]):
+                    p.grad = grads[n][k]
             view = self.views[k]
             if view is not None:
-                view.reps = None if reps is None else reps[k]
+                view.reps = None if reps is None else reps.chain(k)
                 view.grads = {} if grads is None else {n: grads[n][k] for n in self.names}
             torch.set_rng_state(self.rng[k])
             sampler, idx = runner.sampler, indices[k]
@@ -286,14 +338,21 @@ class VectorizedGroup:
             self.rng[k] = torch.get_rng_state()
             runner.grad_evals += float(sampler.stats.get("grad_evals", float("nan")))
 
-    def _advance_closure(self, active: list[int]) -> None:
-        """One step of closure samplers (ULA, MALA, HMC, NUTS): each chain's own step in its thread
-        (`lockstep`); each round evaluates every chain parked in its closure with one batched computation."""
+    def _advance_closure(self, active: list[int], batch: tuple | None = None, indices: list | None = None) -> None:
+        """One step of closure samplers (ULA, MALA, HMC, NUTS; ``batch`` None: the full data, shared) or of SG
+        samplers with closure estimators (SVRG-LD, SGLD-CV; ``batch``: the chains' own batches [C, B, ...], and
+        ``indices``): each chain's own step in its thread (`lockstep`); each round evaluates every chain parked
+        in its closure with one batched computation (with per-example gradients on the steps whose noise
+        diagnostic reads them, served to the chains' estimators by their `_EngineView`)."""
+        shared = batch is None
+        per_example = not shared and self._per_example(active)  # decided before the steps count themselves
+        if shared:
+            batch = self.full_batch
         state: dict[int, str] = {}
         for k in active:
             runner, thread = self.runners[k], self.threads[k]
             torch.set_rng_state(self.rng[k])
-            state[k] = thread.start(lambda s=runner.sampler, t=thread: s.step(t.closure))
+            state[k] = thread.start(_step_work(runner.sampler, thread, None if shared else indices[k]))
             self.rng[k] = torch.get_rng_state()
         while True:
             waiting = [k for k in active if state[k] == "eval"]
@@ -301,14 +360,19 @@ class VectorizedGroup:
                 break
             try:
                 with torch.enable_grad():
-                    loss, grads, _ = self.gradients.compute(self.trainable, self.fixed, self.full_batch, False,
-                                                            shared=True)
+                    loss, grads, reps = self.gradients.compute(self.trainable, self.fixed, batch, per_example,
+                                                               shared=shared)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
+                if isinstance(exc, VectorizeError):
+                    raise
                 raise VectorizeError(_why(exc)) from exc
             for k in waiting:
-                named = dict(self.runners[k].model.named_parameters())
-                for n in self.names:
-                    named[n].grad = grads[n][k]
+                for n, p in zip(self.names, self.chain_params[k]):
+                    p.grad = grads[n][k]
+                view = self.views[k]
+                if view is not None:
+                    view.reps = None if reps is None else reps.chain(k)
+                    view.grads = {n: grads[n][k] for n in self.names}
                 torch.set_rng_state(self.rng[k])
                 state[k] = self.threads[k].answer(loss[k].detach())
                 self.rng[k] = torch.get_rng_state()
@@ -371,13 +435,21 @@ class VectorizedGroup:
                  "params": None if r.param_files is None else r.param_files.index} for r in self.runners]
 
 
+def _step_work(sampler: Any, thread: ChainThread, indices: torch.Tensor | None) -> Any:
+    """One step of ``sampler`` with the thread's closure (and the batch's ``indices``: SG samplers)."""
+    if indices is None:
+        return lambda: sampler.step(thread.closure)
+    return lambda: sampler.step(thread.closure, indices=indices)
+
+
 def _why(exc: BaseException) -> str:
     """The vectorized driver's error for a model or loss that torch.vmap cannot batch, naming the likely cause."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
     if "data-dependent control flow" in low or "is_nonzero" in low or "item()" in low or ".item" in low:
         cause = "data-dependent Python control flow (an `if` or `.item()` on a tensor's value) in the model or loss"
-    elif "inplace" in low or "in-place" in low or "in place" in low:
+    elif "inplace" in low or "in-place" in low or "in place" in low or "match the broadcast shape" in low:
+        # (the last: an in-place op of a batched value into an unbatched tensor, as vmap's forward reports it)
         cause = ("an in-place update of a buffer or parameter in the forward (e.g. BatchNorm in training mode "
                  "updating its running statistics)")
     elif "random" in low:

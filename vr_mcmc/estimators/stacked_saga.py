@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..per_example.representations import Factored
 from ..storage.stores import DenseStore, FactoredStore
 from ..storage.table import FOLD_EVERY
+from .stacked_noise import factored_sq_norms, stacked_sampling_variance
 
 __all__ = ["StackedSAGA"]
 
@@ -55,6 +55,7 @@ class StackedSAGA:
         self.exact = {n: self._stack_dict([t._exact for t in self.tables], n) for n in first._exact}
         self.recent = {n: self._stack_dict([t._recent for t in self.tables], n) for n in first._recent}
         self._pending: tuple | None = None
+        self.noise_var: torch.Tensor | None = None
 
     @staticmethod
     def _stack(objects: Sequence[Any], attr: str) -> torch.Tensor:
@@ -74,46 +75,66 @@ class StackedSAGA:
         """Whether the tables are at the same update count (a resume may have left them apart)."""
         return len({t._since_fold for t in self.tables}) == 1
 
-    def estimate(self, indices: torch.Tensor, grads: Mapping[str, torch.Tensor],
-                 reps: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def estimate(self, indices: torch.Tensor, grads: Mapping[str, torch.Tensor], reps: Any,
+                 diagnose: bool = False) -> dict[str, torch.Tensor]:
         """v [C, ...] per parameter name, for batches ``indices`` [C, B], batch-mean gradients ``grads`` [C, ...] and
-        each chain's per-example representations ``reps``; the table update is kept for `commit`."""
+        every chain's per-example gradients ``reps`` (a `vr_mcmc.chains.batched.StackedPerExample`); the table
+        update is kept for `commit`. ``diagnose``: also SAGA's ``noise_var`` (the spread of g_j − h_j over the
+        batch), per chain and parameter in `names` order, as ``self.noise_var`` [C, P] (else None)."""
         c, b = indices.shape
-        chain = torch.arange(c).unsqueeze(1)
+        # rows of chain k's table are rows k·N .. k·N + N − 1 of the stacked [C·N, ...] view: one index_select
+        # and one index_copy_ per tensor (two-index advanced indexing costs several times more on small rows)
+        rows = self.tables[0].num_rows
+        flat = (torch.arange(c, device=indices.device).unsqueeze(1) * rows + indices).reshape(-1)
         scale = self.tables[0].num_data / b
-        out, new_rows, sums, olds = {}, {}, {}, {}
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(c * rows, *t.shape[2:]).index_select(0, flat).reshape(c, b, *t.shape[2:])
+
+        out, new_rows, sums, olds, squares = {}, {}, {}, {}, []
         for n in self.names:
             total = self.total[n]
             if self.kinds[n] is DenseStore:
                 (data,) = self.rows[n]
-                old = data[chain, indices].to(total.dtype).sum(1)
-                new_rows[n] = (torch.stack([r[n].dense() for r in reps]).to(data),)
+                stored = gather(data).to(total.dtype)
+                old = stored.sum(1)
+                new_rows[n] = (reps.dense(n).to(data),)
+                if diagnose:
+                    squares.append((new_rows[n][0].to(total.dtype) - stored).reshape(c, b, -1).square().sum((1, 2)))
             else:
                 inputs, grad_outputs = self.rows[n]
-                a, z = inputs[chain, indices].to(total.dtype), grad_outputs[chain, indices].to(total.dtype)
+                a, z = gather(inputs).to(total.dtype), gather(grad_outputs).to(total.dtype)
+                entry = reps.entries[n]
+                if entry[0] != "factored":
+                    raise TypeError(f"'{n}' is stored factored but its per-example gradients are not Factored")
+                if diagnose:  # g_j − h_j as one factor pair over the new and the stored positions
+                    both_a = torch.cat([entry[1].to(total.dtype), a], dim=3)
+                    both_z = torch.cat([entry[2].to(total.dtype), -z], dim=3)
+                    squares.append(factored_sq_norms(both_a, both_z).sum(1))
                 g, t = a.shape[2], a.shape[3]
                 # Factored.sum per chain: one matmul over the stacked (example, position) axis, per group
                 a = a.transpose(1, 2).reshape(c, g, b * t, a.shape[-1])
                 z = z.transpose(1, 2).reshape(c, g, b * t, z.shape[-1])
                 old = torch.matmul(z.transpose(-1, -2), a).reshape(total.shape)
-                factored = [r[n] for r in reps]
-                if not all(isinstance(f, Factored) for f in factored):
-                    raise TypeError(f"'{n}' is stored factored but its per-example gradients are not Factored")
-                new_rows[n] = (torch.stack([f.inputs for f in factored]).to(inputs),
-                               torch.stack([f.grad_outputs for f in factored]).to(grad_outputs))
+                new_rows[n] = (entry[1].to(inputs), entry[2].to(grad_outputs))
             s = grads[n] * b  # Σ_i g_i = B·∇(batch mean): the new rows' sum (lossless stores)
             sums[n], olds[n] = s.to(total.dtype), old
             out[n] = torch.add(total, sums[n] - old, alpha=scale).to(grads[n].dtype)
-        self._pending = (chain, indices, new_rows, sums, olds)
+        self._pending = (flat, new_rows, sums, olds)
+        self.noise_var = None
+        if diagnose:
+            moved = [sums[n] - olds[n] for n in self.names]
+            self.noise_var = stacked_sampling_variance(squares, moved, b, self.tables[0].num_rows)
         return out
 
     def commit(self) -> None:
         """Writes the last `estimate`'s rows into the tables and moves their totals (and accumulators)."""
-        chain, indices, new_rows, sums, olds = self._pending
+        flat, new_rows, sums, olds = self._pending
         self._pending = None
         for n in self.names:
             for stored, new in zip(self.rows[n], new_rows[n]):
-                stored[chain, indices] = new
+                # distinct rows (a chain's batch has no repeats, chains own disjoint ranges): a plain scatter
+                stored.view(-1, *stored.shape[2:]).index_copy_(0, flat, new.reshape(-1, *stored.shape[2:]))
             total = self.total[n]
             total.add_(sums[n]).sub_(olds[n])
             if n in self.recent:
