@@ -77,6 +77,24 @@ def log_prob_rows(prior: Prior, param: torch.Tensor) -> torch.Tensor:
     return torch.stack([prior.log_prob(param[k]) for k in range(c)])
 
 
+def _log_prob_all(prior: Prior, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[P, C]: `log_prob_rows` of every parameter; for a Normal prior the per-slice sums of z² first, then the
+    constant terms for all parameters in one operation (the same float32 arithmetic: a Python constant is rounded
+    to the tensor's float32 as the [P, 1] constant is)."""
+    if type(prior) is not Normal or len({p.dtype for p in params}) != 1:
+        return torch.stack([log_prob_rows(prior, p).to(torch.float64) for p in params])
+    c = params[0].shape[0]
+    sums = []
+    for p in params:
+        rows = p.reshape(c, -1)
+        z = (rows - prior.mean if prior.mean else rows) / prior.std
+        sums.append((z * z).sum(1))
+    half_log = math.log(prior.std) + 0.5 * math.log(2 * math.pi)
+    consts = torch.tensor([[p[0].numel() * half_log] for p in params], dtype=params[0].dtype,
+                          device=params[0].device)
+    return -0.5 * torch.stack(sums) - consts
+
+
 def _per_chain(values: Sequence[float], like: torch.Tensor) -> float | torch.Tensor:
     """One number for every chain: itself when the chains agree (the sequential step's scalar operations), else a
     [C, 1, ...] tensor that broadcasts over each chain's slice."""
@@ -94,7 +112,7 @@ def _sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """[C]: Σ over the tensors of each chain's squared norm, in the sequential step's float32 order
     (``sum(n * n for n in _foreach_norm(slices))``; a row's norm is its slice's, bit for bit)."""
     c = tensors[0].shape[0]
-    norms = [t.reshape(c, -1).norm(dim=1) for t in tensors]
+    norms = [torch.linalg.vector_norm(t.reshape(c, -1), dim=1) for t in tensors]
     total = norms[0] * norms[0]
     for n in norms[1:]:
         total = total + n * n
@@ -114,6 +132,7 @@ class StackedStep:
         self.groups = [s.param_groups[0] for s in self.samplers]
         self.eff = list(self.groups)  # the groups' options with each chain's schedule applied, for this step
         self._states: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._noise_buffers: tuple[list[torch.Tensor], list[list[torch.Tensor]]] | None = None
 
     @staticmethod
     def plain(sampler: LangevinSampler, group: dict) -> bool:
@@ -171,7 +190,8 @@ class StackedStep:
             if prior is not None:
                 for p, g in zip(params, est):
                     prior.add_grad_(p, g)
-                    neg_log_prior -= log_prob_rows(prior, p).to(torch.float64)
+                for row in _log_prob_all(prior, params).to(torch.float64):  # Σ in the sequential step's order
+                    neg_log_prior -= row
         else:  # chains with different priors: each its own slice
             for k, prior in enumerate(priors):
                 if prior is not None:
@@ -179,7 +199,8 @@ class StackedStep:
                         prior.add_grad_(p[k], g[k])
                         neg_log_prior[k] -= float(prior.log_prob(p[k]))
         # the divergence check of LangevinSampler._finite, per chain: Σ_p ‖∇Ũ_p‖ + 0·loss
-        norms = torch.stack([g.reshape(c, -1).norm(dim=1) for g in est]).sum(0) + loss.detach() * 0
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(c, -1), dim=1) for g in est]).sum(0)
+        norms = norms + loss.detach() * 0
         lp = -(loss.detach().to(torch.float64) * samplers[0].num_data + neg_log_prior)
         host = torch.stack([norms.to(torch.float64), lp]).tolist()  # the one synchronization
         norms_list, lp_list = host
@@ -212,10 +233,14 @@ class StackedStep:
         """ξ per parameter, [C, ...] (None where no chain draws; zeros in a chain's slice where it does not): chain
         c's draws from its own generator or RNG state, in its sequential step's order (parameter by parameter)."""
         draws = [self.draws(k) for k in range(len(self.samplers))]
+        if self._noise_buffers is None:  # reused every step (a step's noise is spent within it)
+            buffers = [torch.empty_like(p) for p in self.params]
+            self._noise_buffers = (buffers, [[b[k] for b in buffers] for k in range(len(self.samplers))])
+        buffers, views = self._noise_buffers
         noise: list[torch.Tensor | None] = []
-        for j, p in enumerate(self.params):
+        for j, xi in enumerate(buffers):
             wanted = [d[j] for d in draws]
-            noise.append(None if not any(wanted) else torch.empty_like(p) if all(wanted) else torch.zeros_like(p))
+            noise.append(None if not any(wanted) else xi if all(wanted) else xi.zero_())
         for k, sampler in enumerate(self.samplers):
             if not any(draws[k]):
                 continue
@@ -225,7 +250,7 @@ class StackedStep:
             for j, xi in enumerate(noise):
                 if draws[k][j]:
                     if generator is None or generator.device == xi.device:
-                        xi[k].normal_(generator=generator)  # randn_like's draws, in place
+                        views[k][j].normal_(generator=generator)  # randn_like's draws, in place
                     else:  # a CPU generator driving chains elsewhere, as _shared.gaussian_noise
                         xi[k].copy_(torch.randn(xi[k].shape, generator=generator, device=generator.device,
                                                 dtype=xi.dtype))
