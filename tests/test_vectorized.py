@@ -510,10 +510,7 @@ def test_frozen_preconditioner_and_resumed_states_are_per_chain(tmp_path):
 
     options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
                    checkpoint_every=10, chain_method="vectorized")
-    whole = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
-    with pytest.raises(KeyboardInterrupt):
-        vr_mcmc.sample(model_fn, frozen, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
-    resumed = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
+    whole, resumed = _whole_and_resumed(tmp_path, frozen, options)
     assert_same_draws(whole, resumed, exact=True)
     seq = vr_mcmc.sample(model_fn, frozen, loss_fn, (X, Y), **{**options, "chain_method": "sequential",
                                                               "checkpoint_every": 100})
@@ -533,11 +530,16 @@ def test_stacked_momentum_resume_is_exact(tmp_path, sampler_fn):
     """SGHMC / SGNHT (stacked momentum and thermostats) interrupted and resumed: bit-identical."""
     options = dict(batch_size=10, num_warmup=5, num_samples=40, num_chains=3, seed=1, progress=False,
                    checkpoint_every=10, chain_method="vectorized")
+    assert_same_draws(*_whole_and_resumed(tmp_path, sampler_fn, options), exact=True)
+
+
+def _whole_and_resumed(tmp_path, sampler_fn, options):
+    """An uninterrupted run, and the same run interrupted at step 32 and resumed from its checkpoint."""
     whole = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "whole", **options)
     with pytest.raises(KeyboardInterrupt):
         vr_mcmc.sample(model_fn, sampler_fn, _Interrupting(32), (X, Y), checkpoint=tmp_path / "cut", **options)
     resumed = vr_mcmc.sample(model_fn, sampler_fn, loss_fn, (X, Y), checkpoint=tmp_path / "cut", **options)
-    assert_same_draws(whole, resumed, exact=True)
+    return whole, resumed
 
 
 # -- torch.compile of the batched computations ---------------------------------------------------------------------
