@@ -580,3 +580,30 @@ def test_tables_that_cannot_be_packed_are_not(config):
     idx = next(_batches(table, 1))
     table.update(idx, _grads(model, engine, x, y, idx))
     assert table.packed is None and table.packed_rows() is None
+
+
+def test_a_batch_of_another_sequence_length_is_refused_before_the_gradients_change():
+    """A Linear layer's rows are stored as factors of T positions: a later batch with another T cannot be stored.
+    The packed step refuses it naming the fixes, before it writes its estimate into .grad (the batch's gradient is
+    left as the backward pass gave it) and without touching the table."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)).double()  # the first stored factored
+    from vr_mcmc.estimators import SAGA
+
+    engine = PerExampleGradients(model)
+    estimator = SAGA(None, engine)
+    estimator.bind(list(model.parameters()), N, "mean")
+    for t in (5, 5, 7):
+        idx = torch.arange(4) + 4 * t
+        model.zero_grad()
+        model(torch.randn(4, t, 16, dtype=F64)).square().mean().backward()
+        if t == 7:
+            before = [p.grad.clone() for p in model.parameters()]
+            rows = estimator.table.packed.data.clone()
+            with pytest.raises(ValueError, match=r"pad sequences to one length.*policy='dense'"):
+                estimator.estimate(idx, None)
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+            assert torch.equal(estimator.table.packed.data, rows)
+        else:
+            estimator.estimate(idx, None)
+            assert estimator.table.packed_rows() is not None

@@ -201,12 +201,12 @@ class SAGA(Estimator):
         sums = torch.cat([grad_or_zeros(p).reshape(-1) for p in params]).to(total.dtype)
         if self.loss_reduction == "mean":
             sums.mul_(b)
+        new = packed.pack(reps, total.dtype)  # first: a batch the layout cannot take raises before .grad changes
         moved = sums - old_sum
         scale = 1.0 if self._row_scale_is_one else self.num_data / b
         estimate = torch.add(total, moved, alpha=scale)
         for p, v, shape in zip(params, estimate.split(layout["sizes"]), layout["shapes"]):
             p.grad = v.view(shape) if v.dtype == p.dtype else v.view(shape).to(p.dtype)
-        new = packed.pack(reps, total.dtype)
         info: dict[str, Any] = {"grad_evals": b}
         if self.diagnose and not self._row_scale_is_one:  # SAGA's noise: the spread of g_j − h_j over the batch
             if b < 2:
