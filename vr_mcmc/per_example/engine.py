@@ -383,6 +383,7 @@ class PerExampleGradients:
         # check: a module mixes examples by its structure, on every batch, so the first batch shows it.
         self._collects += 1
         self._verify_replays = self._collects <= SPOT_CHECK_FIRST or self._collects % SPOT_CHECK_EVERY == 0
+        checking = self.check if check is None else check
         per_param: dict[int, list[PerExampleGradient]] = {}
         low_eps: dict[int, float] = {}
         if batch_size > 0:
@@ -390,16 +391,19 @@ class PerExampleGradients:
                 for local, rep in self._unit_grads(unit, call).items():
                     key = id(unit.params[local])
                     per_param.setdefault(key, []).append(rep)
-                    # The lowest precision the call's operands had: its output gradients' or autocast's.
-                    low = max(torch.finfo(g.dtype).eps for g in call.grads if g is not None)
-                    if call.autocast is not None:
-                        low = max(low, torch.finfo(call.autocast[1]).eps)
-                    low_eps[key] = max(low_eps.get(key, 0.0), low)
+                    if checking:  # the lowest precision the call's operands had: its output gradients' or autocast's
+                        low = max(torch.finfo(g.dtype).eps for g in call.grads if g is not None)
+                        if call.autocast is not None:
+                            low = max(low, torch.finfo(call.autocast[1]).eps)
+                        low_eps[key] = max(low_eps.get(key, 0.0), low)
         out: dict[str, PerExampleGradient] = {}
         for name, p in self.parameter_names.items():
             reps = per_param.get(id(p))
-            out[name] = combine(reps) if reps else Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
-        if self.check if check is None else check:
+            if reps is None:
+                out[name] = Dense.zeros(batch_size, p.shape, dtype=p.dtype, device=p.device)
+            else:
+                out[name] = reps[0] if len(reps) == 1 else combine(reps)
+        if checking:
             try:
                 self._consistency.run(
                     out, self.parameter_names, self._param_grads,
