@@ -503,7 +503,13 @@ def test_packed_saga_equals_an_independent_float64_saga_and_the_per_parameter_pa
     for store in table.stores.values():
         for t in store.state_tensors():
             assert t.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
-    # the reference: dense rows of every parameter from the loop's per-example gradients
+    _assert_a_float64_loop_saga_gives(model, x, y, runs)
+    model2, _, _ = _problem()
+    _assert_the_per_parameter_path_gives(model2, x, y, runs)
+
+
+def _assert_a_float64_loop_saga_gives(model, x, y, runs):
+    """The reference: SAGA on dense rows of every parameter, from a loop's per-example gradients at each step's θ."""
     names = [n for n, p in model.named_parameters()]
     rows = torch.zeros(N, sum(p.numel() for p in model.parameters()), dtype=F64)
     for idx, estimate, _, theta in runs:
@@ -515,27 +521,25 @@ def test_packed_saga_equals_an_independent_float64_saga_and_the_per_parameter_pa
         expected = rows.sum(0) + N / len(idx) * (g.sum(0) - rows[idx].sum(0))
         torch.testing.assert_close(estimate, expected, rtol=1e-10, atol=1e-10)
         rows[idx] = g
-    model2, _, _ = _problem()
-    unpacked = GradientTable(model2, N)
-    first = True
-    for (idx, estimate, var, _), (idx2, estimate2, var2, _) in zip(runs, _saga_steps_unpacked(model2, x, y, unpacked)):
-        assert torch.equal(idx, idx2)
-        torch.testing.assert_close(estimate2, estimate, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(var2, var, rtol=1e-9, atol=0, equal_nan=True)
-        first = False
-    assert not first
 
 
-def _saga_steps_unpacked(model, x, y, table):
-    """`_saga_steps` with the table's packed fast path switched off after it is allocated."""
+def _assert_the_per_parameter_path_gives(model, x, y, runs):
+    """The same steps on a fresh copy of the model with the table's packed fast path switched off once allocated
+    (the stores stay views of the packed tensor; SAGA takes the per-parameter path)."""
+    table = GradientTable(model, N)
     original = table._allocate_layouts
 
     def allocate(layouts):
         original(layouts)
-        table.packed = None  # stores stay views of the packed tensor; SAGA takes the per-parameter path
+        table.packed = None
 
     table._allocate_layouts = allocate
-    return _saga_steps(model, x, y, table, 12)
+    unpacked = _saga_steps(model, x, y, table, len(runs))
+    assert len(unpacked) == len(runs)
+    for (idx, estimate, var, _), (idx2, estimate2, var2, _) in zip(runs, unpacked):
+        assert torch.equal(idx, idx2)
+        torch.testing.assert_close(estimate2, estimate, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var2, var, rtol=1e-9, atol=0, equal_nan=True)
 
 
 def test_a_packed_table_in_a_lower_storage_dtype_sums_what_it_stored():
@@ -639,28 +643,6 @@ def test_packed_saga_with_grouped_and_multi_position_factors_equals_the_float64_
     assert kinds["conv.weight"] == "factored" and kinds["grouped.weight"] == "factored", kinds
     assert table.stores["grouped.weight"].inputs.shape[1] == 2  # two groups
     assert table.packed_rows() is not None
-    names = [n for n, _ in model.named_parameters()]
-    rows = torch.zeros(N, sum(p.numel() for p in model.parameters()), dtype=F64)
-    for idx, estimate, _, theta in runs:
-        with torch.no_grad():
-            for p, value in zip(model.parameters(), theta):
-                p.copy_(value)
-        per = loop_per_example_grads(model, F.cross_entropy, x[idx], y[idx])
-        gi = torch.cat([per[n].reshape(len(idx), -1) for n in names], 1)
-        expected = rows.sum(0) + N / len(idx) * (gi.sum(0) - rows[idx].sum(0))
-        torch.testing.assert_close(estimate, expected, rtol=1e-10, atol=1e-10)
-        rows[idx] = gi
+    _assert_a_float64_loop_saga_gives(model, x, y, runs)
     torch.manual_seed(0)
-    model2 = _LateConvs().double()
-    unpacked = GradientTable(model2, N)
-    original = unpacked._allocate_layouts
-
-    def allocate(layouts):
-        original(layouts)
-        unpacked.packed = None
-
-    unpacked._allocate_layouts = allocate
-    for (idx, estimate, var, _), (idx2, estimate2, var2, _) in zip(runs, _saga_steps(model2, x, y, unpacked, 10)):
-        assert torch.equal(idx, idx2)
-        torch.testing.assert_close(estimate2, estimate, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(var2, var, rtol=1e-9, atol=0, equal_nan=True)
+    _assert_the_per_parameter_path_gives(_LateConvs().double(), x, y, runs)

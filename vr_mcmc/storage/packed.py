@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..per_example import Dense, Factored, PerExampleGradient
+from ..per_example import Factored, PerExampleGradient
 
 __all__ = ["PackedRows", "flat_vector"]
 
@@ -147,11 +147,3 @@ class PackedRows:
             else:
                 squares.append(torch.bmm(left.transpose(1, 2), right).square().sum().reshape(1))
         return torch.cat(squares)
-
-    def representations(self, rows: torch.Tensor) -> dict[str, PerExampleGradient]:
-        """Packed rows ``[b, W]`` as one representation per parameter (views)."""
-        out: dict[str, PerExampleGradient] = {}
-        for slot in self.slots:
-            parts = self._split(rows, slot)
-            out[slot.name] = Dense(parts[0]) if slot.factors is None else Factored(parts[0], parts[1], slot.shape)
-        return out
