@@ -216,22 +216,13 @@ def reference_posterior(quick: bool) -> dict:
         return {"skipped": refposteriors.unavailable_reason()}
     post = refposteriors.POSTERIORS["eight_schools-eight_schools_noncentered"]
 
-    class Theta(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-            self.theta = torch.nn.Parameter(post.initial_point(gen, scale=2.0))
-
-    def loss(model, batch):
-        return -post.log_density(model.theta)
-
     def nuts(model):
         return torch_sample.NUTS(model.parameters(), lr=0.1, num_data=1)
 
     warmup, draws = (300, 500) if quick else (500, 1000)
     start = time.perf_counter()
-    idata = vr_mcmc.sample(Theta, nuts, loss, torch.zeros(1), batch_size=1, num_warmup=warmup, num_samples=draws,
-                           num_chains=4, seed=5, chain_method="vectorized", progress=False)
+    idata = vr_mcmc.sample(post.module(), nuts, post.loss, torch.zeros(1), batch_size=1, num_warmup=warmup,
+                           num_samples=draws, num_chains=4, seed=5, chain_method="vectorized", progress=False)
     wall = time.perf_counter() - start
     theta = torch.from_numpy(np.asarray(idata.posterior["theta"].values))
     ours = post.to_params(theta)

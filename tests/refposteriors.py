@@ -426,6 +426,24 @@ class RefPosterior:
         xi = torch.randn((*shape, self.dim), generator=generator, dtype=torch.float64)
         return ref.mean(0) + scale * ref.std(0) * xi
 
+    def module(self, scale: float = 2.0) -> type[torch.nn.Module]:
+        """A model class for `vr_mcmc.sample`: one parameter ``theta`` [dim], started at `initial_point` with a
+        generator seeded from the global RNG (which `sample` seeds per chain: over-dispersed starts); its loss is
+        `loss`."""
+        post = self
+
+        class Theta(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+                self.theta = torch.nn.Parameter(post.initial_point(gen, scale=scale))
+
+        return Theta
+
+    def loss(self, model: torch.nn.Module, batch: Any = None) -> Tensor:
+        """−log p(θ | data) of a `module` model (the batch is unused: the data are the posterior's own)."""
+        return -self.log_density(model.theta)
+
 
 def _regression(
     name: str, n_beta: int, prior_scale: float | None, prepare: Callable[[dict[str, Any]], Data]

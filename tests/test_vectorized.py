@@ -315,15 +315,8 @@ def test_vectorized_nuts_matches_the_reference_posterior():
     from test_refposterior_sampling import check
 
     post = refposteriors.POSTERIORS["eight_schools-eight_schools_noncentered"]
-
-    class Theta(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-            self.theta = torch.nn.Parameter(post.initial_point(gen, scale=2.0))
-
-    idata = vr_mcmc.sample(Theta, lambda m: torch_sample.NUTS(m.parameters(), lr=0.1, num_data=1),
-                           lambda m, batch: -post.log_density(m.theta), torch.zeros(1), batch_size=1, num_warmup=500,
+    idata = vr_mcmc.sample(post.module(), lambda m: torch_sample.NUTS(m.parameters(), lr=0.1, num_data=1),
+                           post.loss, torch.zeros(1), batch_size=1, num_warmup=500,
                            num_samples=1000, num_chains=4, seed=5, chain_method="vectorized", progress=False)
     assert check(post, np.asarray(idata.posterior["theta"].values)) == []
 
